@@ -20,6 +20,7 @@ STAGE_MODULES = [
     "components.synth",
     "components.prepare",
     "components.train",
+    "components.launch",
     "components.evaluate",
     "components.register",
     "components.deploy",

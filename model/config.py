@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class StrictModel(BaseModel):
@@ -87,11 +87,12 @@ class ProfileParams(StrictModel):
     imr: IMRParams = IMRParams()
     face_crop_size: int = Field(224, ge=16, description="side of the face crop given to the CLIP image encoder")
 
-    @model_validator(mode="after")
-    def _resolution_multiple_of_8(self) -> "ProfileParams":
-        if self.resolution % 8:
-            raise ValueError(f"resolution must be a multiple of 8, got {self.resolution}")
-        return self
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError("must be a multiple of 8")
+        return v
 
 
 class TinyProfileParams(ProfileParams):

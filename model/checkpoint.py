@@ -1,0 +1,191 @@
+"""DynamicID checkpoints: one safetensors file per trainable part plus a JSON manifest.
+
+Layout of a checkpoint directory::
+
+    manifest.json               profile, dims, library versions, sha256 of every file
+    saa.safetensors             SAA ID key/value projections + LoRA (all attention layers)
+    face_encoder.safetensors
+    imr.safetensors             (absent before stage 2)
+    keypoint_encoder.safetensors
+    base/                       optional bundled base in diffusers layout (tiny profile)
+
+Writes go to a sibling temp directory renamed into place at the end, so a reader never
+sees a half-written checkpoint. Loading validates the manifest against the backbone and
+the configured dims and names the first mismatch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PARTS = ("saa", "face_encoder", "imr", "keypoint_encoder")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt, or does not fit the backbone/config."""
+
+
+@dataclass
+class ModelDims:
+    """Everything that fixes the shapes of the trainable parts."""
+
+    profile: str
+    cross_attention_dim: int
+    id_dim: int
+    clip_dim: int
+    text_dim: int
+    num_tokens: int
+    lora_rank: int
+    face_encoder: dict[str, Any] = field(default_factory=dict)
+    imr: dict[str, Any] = field(default_factory=dict)
+    face_backend: str = "dlib"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    import diffusers
+    import transformers
+
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}
+
+
+def save_checkpoint(
+    out_dir: str | os.PathLike,
+    dims: ModelDims,
+    parts: dict[str, dict[str, torch.Tensor]],
+    *,
+    base_dir: str | os.PathLike | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Atomically write ``parts`` (name -> state dict) and a manifest to ``out_dir``."""
+    from safetensors.torch import save_file
+
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise CheckpointError(f"unknown checkpoint parts: {sorted(unknown)}; allowed: {PARTS}")
+    out = Path(out_dir)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    files: dict[str, str] = {}
+    for name, state in parts.items():
+        fname = f"{name}.safetensors"
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+        save_file(tensors, tmp / fname, metadata={"part": name, "profile": dims.profile})
+        files[fname] = sha256_file(tmp / fname)
+    if base_dir is not None:
+        shutil.copytree(base_dir, tmp / "base", ignore=shutil.ignore_patterns("*.tmp*"))
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "dims": asdict(dims),
+        "parts": sorted(parts),
+        "files": files,
+        "bundled_base": base_dir is not None,
+        "libraries": library_versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **(extra or {}),
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    _fsync_dir(tmp)
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(out)
+    return out
+
+
+def _fsync_dir(path: Path) -> None:
+    for p in path.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def read_manifest(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(ckpt_dir) / MANIFEST
+    if not path.exists():
+        raise CheckpointError(f"{ckpt_dir}: not a DynamicID checkpoint (no {MANIFEST})")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: corrupt manifest ({err})") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {manifest.get('format_version')} != {FORMAT_VERSION}")
+    return manifest
+
+
+def find_checkpoint(root: str | os.PathLike, max_depth: int = 4) -> Path:
+    """The checkpoint directory inside ``root`` (root itself, or e.g. an MLflow model's
+    artifacts/checkpoint, or KServe's /mnt/models): the shallowest dir holding our manifest."""
+    root = Path(root)
+    for depth in range(max_depth + 1):
+        pattern = "/".join(["*"] * depth + [MANIFEST]) if depth else MANIFEST
+        for candidate in sorted(root.glob(pattern)):
+            try:
+                if json.loads(candidate.read_text()).get("format_version") == FORMAT_VERSION:
+                    return candidate.parent
+            except (OSError, json.JSONDecodeError):
+                continue
+    raise CheckpointError(f"no DynamicID checkpoint (manifest.json) found under {root}")
+
+
+def check_dims(manifest: dict[str, Any], expected: ModelDims) -> None:
+    """Raise CheckpointError naming every field where the checkpoint and the backbone/config disagree."""
+    got = manifest["dims"]
+    want = asdict(expected)
+    bad = [f"{k}: checkpoint has {got.get(k)!r}, this model needs {want[k]!r}" for k in want if got.get(k) != want[k]]
+    if bad:
+        raise CheckpointError("checkpoint does not fit this model: " + "; ".join(bad))
+
+
+def load_parts(ckpt_dir: str | os.PathLike, verify: bool = True) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+    """Read the manifest and every part (verifying file hashes) -> (manifest, {part: state dict})."""
+    from safetensors.torch import load_file
+
+    ckpt = Path(ckpt_dir)
+    manifest = read_manifest(ckpt)
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for fname, digest in manifest["files"].items():
+        path = ckpt / fname
+        if not path.exists():
+            raise CheckpointError(f"{ckpt}: manifest lists {fname} but it is missing")
+        if verify and sha256_file(path) != digest:
+            raise CheckpointError(f"{path}: sha256 does not match the manifest (corrupt or modified file)")
+        parts[fname.removesuffix(".safetensors")] = load_file(path)
+    return manifest, parts
+
+
+def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], part: str) -> None:
+    """load_state_dict with a message that names the part, the key and both shapes."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(f"{part}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    for k, v in state.items():
+        if own[k].shape != v.shape:
+            raise CheckpointError(f"{part}.{k}: checkpoint shape {tuple(v.shape)} != model shape {tuple(own[k].shape)}")
+    module.load_state_dict(state)

@@ -1,0 +1,392 @@
+"""DynamicIDPipeline: prompt + 1..N identities (+ optional layout and per-person motion) -> images.
+
+Reads top to bottom like a diffusers pipeline:
+  1. validate the request (sizes, identity count, boxes) before any model work;
+  2. analyse every reference face once (detect, embed, landmarks, pose);
+  3. encode all identities in one batch: face encoder -> ID tokens; IMR for those with an edit;
+  4. encode the prompt and the negative prompt;
+  5. denoise with classifier-free guidance, SAA reading the ID tokens appended after the text;
+  6. decode and return images plus per-identity metadata (region used, edit applied).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DiffusionPipeline
+from PIL import Image
+
+from model.backbone import Backbone
+from model.config import FaceParams, ModelParams
+from model.dynamicid import DynamicID, clip_image_features, text_embeddings
+
+log = logging.getLogger(__name__)
+
+
+class GenerationError(ValueError):
+    """A request the pipeline cannot serve; the message says what is wrong and for which identity."""
+
+
+@dataclass
+class IdentityInput:
+    """One person. Give a reference ``image`` (RGB array or PIL), or precomputed ``embedding`` +
+    ``clip_features``. Everything else is optional."""
+
+    image: np.ndarray | Image.Image | None = None
+    aligned: bool = False                       # image is already an aligned face crop: skip detection
+    embedding: np.ndarray | torch.Tensor | None = None      # [id_dim], L2-normalised
+    clip_features: torch.Tensor | None = None               # [L, clip_dim]
+    bbox: Sequence[float] | None = None         # (y0, x0, y1, x1) in [0, 1]
+    expression: str | None = None               # target face prompt, e.g. "smiling" or "the face is turned left"
+    landmarks_image: np.ndarray | Image.Image | None = None  # target landmark image (dots on black)
+    source_prompt: str | None = None            # override the estimated source face prompt
+    source_landmarks: np.ndarray | None = None  # [S, S] source landmark image for precomputed inputs
+
+
+@dataclass
+class IdentityResult:
+    region: list[float]
+    edited: bool
+    source_prompt: str | None = None
+    target_prompt: str | None = None
+
+
+@dataclass
+class DynamicIDOutput:
+    images: list[Image.Image]
+    identities: list[list[IdentityResult]]      # per image, per identity
+    seeds: list[int] = field(default_factory=list)
+
+
+@dataclass
+class EncodedIdentities:
+    """Tokens for one request: cond [N, K, D], uncond [N, K, D], and metadata."""
+
+    tokens: torch.Tensor
+    results: list[IdentityResult]
+
+
+def _to_rgb_array(img: np.ndarray | Image.Image, who: str) -> np.ndarray:
+    if isinstance(img, Image.Image):
+        img = np.asarray(img.convert("RGB"))
+    arr = np.asarray(img)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=-1)
+    if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
+        raise GenerationError(f"{who}: image must be HxWx3 RGB, got shape {arr.shape}")
+    return np.ascontiguousarray(arr[..., :3].astype(np.uint8))
+
+
+def normalize_face_prompt(text: str) -> str:
+    """'smiling' -> 'the expression is smiling'; full face prompts pass through."""
+    t = text.strip().rstrip(".")
+    return t if t.lower().startswith("the ") else f"the expression is {t}"
+
+
+def face_crop_box(bbox: np.ndarray, hw: tuple[int, int], margin: float = 0.25) -> tuple[int, int, int, int]:
+    """Square box around a face box (x0, y0, x1, y1), grown by ``margin`` and clipped to the image."""
+    x0, y0, x1, y1 = [float(v) for v in bbox]
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    side = max(x1 - x0, y1 - y0) * (1 + 2 * margin)
+    h, w = hw
+    side = min(side, h, w)
+    left = int(round(min(max(cx - side / 2, 0), w - side)))
+    top = int(round(min(max(cy - side / 2, 0), h - side)))
+    s = int(round(side))
+    return left, top, left + s, top + s
+
+
+class DynamicIDPipeline(DiffusionPipeline):
+    """SD1.5-style text-to-image pipeline with DynamicID identity injection and editing."""
+
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, image_encoder, dynamicid: DynamicID):
+        super().__init__()
+        self.register_modules(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+            image_encoder=image_encoder, dynamicid=dynamicid,
+        )
+        self.backbone = Backbone(unet, vae, text_encoder, tokenizer, image_encoder, scheduler, Path("."))
+        self.model_params = ModelParams()
+        self.face_params = FaceParams()
+        self.face_analyzer = None
+        self._uncond_tokens: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_backbone(cls, backbone: Backbone, dynamicid: DynamicID, model_params: ModelParams,
+                      face_params: FaceParams, face_analyzer=None) -> "DynamicIDPipeline":
+        scheduler = DDIMScheduler.from_config(backbone.scheduler.config)
+        pipe = cls(backbone.vae, backbone.text_encoder, backbone.tokenizer, backbone.unet, scheduler,
+                   backbone.image_encoder, dynamicid)
+        pipe.backbone = backbone
+        pipe.model_params = model_params
+        pipe.face_params = face_params
+        pipe.face_analyzer = face_analyzer
+        dynamicid.eval().requires_grad_(False)
+        return pipe
+
+    @property
+    def dims(self):
+        return self.dynamicid.dims
+
+    def set_progress(self, enabled: bool) -> None:
+        self.set_progress_bar_config(disable=not enabled)
+
+    def analyzer(self):
+        if self.face_analyzer is None:
+            from model.face_analysis import build_face_analyzer
+
+            self.face_analyzer = build_face_analyzer(self.face_params, self.model_params.profile)
+        return self.face_analyzer
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, identities: Sequence[IdentityInput], height: int, width: int) -> None:
+        if height % 8 or width % 8 or height <= 0 or width <= 0:
+            raise GenerationError(f"height and width must be positive multiples of 8, got {height}x{width}")
+        max_ids = self.model_params.max_ids
+        if len(identities) > max_ids:
+            raise GenerationError(f"{len(identities)} identities given, at most model.max_ids = {max_ids}")
+        for i, ident in enumerate(identities):
+            who = f"identity {i}"
+            if ident.image is None and (ident.embedding is None or ident.clip_features is None):
+                raise GenerationError(f"{who}: give a reference image, or both embedding and clip_features")
+            if ident.bbox is not None:
+                b = [float(v) for v in ident.bbox]
+                if len(b) != 4 or not all(0.0 <= v <= 1.0 for v in b) or b[0] >= b[2] or b[1] >= b[3]:
+                    raise GenerationError(
+                        f"{who}: bbox must be (y0, x0, y1, x1) within [0, 1] with y0 < y1 and x0 < x1, got {b}"
+                    )
+
+    def regions(self, identities: Sequence[IdentityInput]) -> torch.Tensor:
+        """[N, 4] regions: given boxes, and equal vertical strips for identities without one."""
+        from model.saa import default_regions
+
+        strips = default_regions(len(identities))
+        rows = [torch.tensor([float(v) for v in ident.bbox]) if ident.bbox is not None else strips[i]
+                for i, ident in enumerate(identities)]
+        return torch.stack(rows) if rows else strips
+
+    # ------------------------------------------------------------------ identity encoding
+    def _analyse(self, ident: IdentityInput, who: str) -> dict[str, Any]:
+        """Reference image -> embedding, face crop [3, S, S] in [0, 1], landmark image, face prompt."""
+        from model.face_analysis import FaceAnalysisError, pick_face
+        from model.landmarks import render_landmarks
+        from model.motion import estimate_expression, face_prompt
+
+        image = _to_rgb_array(ident.image, who)
+        analyzer = self.analyzer()
+        try:
+            if ident.aligned:
+                face = analyzer.analyze_aligned(image)
+            else:
+                face = pick_face(analyzer.detect(image), who=who, min_size=self.face_params.min_face_size)
+        except FaceAnalysisError as err:
+            msg = str(err)
+            raise GenerationError(msg if who in msg else f"{who}: {msg}") from None
+        left, top, right, bottom = face_crop_box(face.bbox, image.shape[:2])
+        crop = Image.fromarray(image[top:bottom, left:right]).resize((self.backbone.image_size,) * 2, Image.BICUBIC)
+        crop_t = torch.from_numpy(np.asarray(crop)).permute(2, 0, 1).float() / 255.0
+        pts = np.asarray(face.landmarks, dtype=np.float32) - np.array([left, top], dtype=np.float32)
+        size = self.dims.imr["landmark_size"]
+        lmk = render_landmarks(pts, (bottom - top, right - left), size=size)
+        yaw, pitch, _ = face.pose
+        prompt = ident.source_prompt or face_prompt(estimate_expression(face.landmarks), yaw, pitch)
+        return {"embedding": np.asarray(face.embedding, dtype=np.float32), "crop": crop_t,
+                "landmarks": torch.from_numpy(np.asarray(lmk, dtype=np.float32)), "prompt": prompt}
+
+    def _landmark_image(self, img: np.ndarray | Image.Image, who: str) -> torch.Tensor:
+        size = self.dims.imr["landmark_size"]
+        if not isinstance(img, Image.Image):
+            arr = np.asarray(img)
+            if arr.dtype != np.uint8:
+                arr = (np.clip(arr.astype(np.float32).squeeze(), 0, 1) * 255).astype(np.uint8)
+            img = Image.fromarray(arr.squeeze())
+        g = np.asarray(img.convert("L").resize((size, size), Image.BILINEAR), dtype=np.float32) / 255.0
+        return torch.from_numpy(g)[None]
+
+    @torch.no_grad()
+    def uncond_tokens(self) -> torch.Tensor:
+        """CFG branch tokens: the face encoder on a zero embedding and the CLIP features of a black crop."""
+        if self._uncond_tokens is None:
+            s = self.backbone.image_size
+            feats = clip_image_features(self.backbone, torch.zeros(1, 3, s, s, device=self.device))
+            emb = torch.zeros(1, self.dims.id_dim, device=self.device, dtype=feats.dtype)
+            fe = self.dynamicid.face_encoder
+            self._uncond_tokens = fe(emb.to(fe_dtype(fe)), feats.to(fe_dtype(fe)))[0]
+        return self._uncond_tokens
+
+    @torch.no_grad()
+    def encode_identities(self, identities: Sequence[IdentityInput]) -> EncodedIdentities:
+        """All identities of one request in one batch through the encoders -> tokens [N, K, D]."""
+        n = len(identities)
+        fe = self.dynamicid.face_encoder
+        dtype, device = fe_dtype(fe), self.device
+        embeds, feats, src_lmk, src_prompt, results = [], [], [], [], []
+        crops, crop_index = [], []
+        for i, ident in enumerate(identities):
+            who = f"identity {i}"
+            if ident.image is not None:
+                a = self._analyse(ident, who)
+                embeds.append(torch.as_tensor(a["embedding"]))
+                crops.append(a["crop"])
+                crop_index.append(i)
+                feats.append(None)
+                src_lmk.append(a["landmarks"])
+                src_prompt.append(a["prompt"])
+            else:
+                e = torch.as_tensor(np.asarray(ident.embedding, dtype=np.float32)).flatten()
+                if e.numel() != self.dims.id_dim:
+                    raise GenerationError(f"{who}: embedding has {e.numel()} values, the model needs {self.dims.id_dim}")
+                embeds.append(e)
+                feats.append(torch.as_tensor(ident.clip_features))
+                size = self.dims.imr["landmark_size"]
+                src_lmk.append(self._landmark_image(ident.source_landmarks, who) if ident.source_landmarks is not None
+                               else torch.zeros(1, size, size))
+                src_prompt.append(ident.source_prompt or "the expression is neutral, the face is frontal")
+        if crops:
+            cf = clip_image_features(self.backbone, torch.stack(crops).to(device))
+            for j, i in enumerate(crop_index):
+                feats[i] = cf[j]
+        emb = torch.stack(embeds).to(device, dtype)
+        clip = torch.stack([f.to(device) for f in feats]).to(dtype)
+        tokens = fe(emb, clip)                                            # [N, K, D]
+
+        edit_idx = [i for i, ident in enumerate(identities)
+                    if ident.expression is not None or ident.landmarks_image is not None]
+        tgt_prompts: dict[int, str] = {}
+        if edit_idx:
+            src_imgs = torch.stack([src_lmk[i] for i in edit_idx]).to(device, dtype)
+            tgt_imgs = torch.stack([
+                self._landmark_image(identities[i].landmarks_image, f"identity {i}")
+                if identities[i].landmarks_image is not None else src_lmk[i] for i in edit_idx
+            ]).to(device, dtype)
+            for i in edit_idx:
+                e = identities[i].expression
+                tgt_prompts[i] = normalize_face_prompt(e) if e else src_prompt[i]
+            _, src_txt = text_embeddings(self.backbone, [src_prompt[i] for i in edit_idx])
+            _, tgt_txt = text_embeddings(self.backbone, [tgt_prompts[i] for i in edit_idx])
+            kp = self.dynamicid.keypoint_encoder
+            edited = self.dynamicid.imr(tokens[edit_idx], kp(src_imgs), src_txt.to(dtype), kp(tgt_imgs),
+                                        tgt_txt.to(dtype))
+            tokens = tokens.clone()
+            tokens[edit_idx] = edited
+        regions = self.regions(identities)
+        for i in range(n):
+            results.append(IdentityResult(region=[round(float(v), 6) for v in regions[i]], edited=i in tgt_prompts,
+                                          source_prompt=src_prompt[i], target_prompt=tgt_prompts.get(i)))
+        return EncodedIdentities(tokens=tokens, results=results)
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        identities: Sequence[IdentityInput] | Sequence[Sequence[IdentityInput]],
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int = 30,
+        guidance_scale: float | list[float] = 5.0,
+        id_scale: float | list[float] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        seed: int | list[int] | None = None,
+        output_type: str = "pil",
+    ) -> DynamicIDOutput:
+        from model.saa import IDContext
+
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        b = len(prompts)
+        per_sample = [list(identities)] * b if (not identities or isinstance(identities[0], IdentityInput)) \
+            else [list(x) for x in identities]
+        if len(per_sample) != b:
+            raise GenerationError(f"{b} prompts but {len(per_sample)} identity lists")
+        n = len(per_sample[0])
+        if any(len(x) != n for x in per_sample):
+            raise GenerationError("every sample of one batch must have the same number of identities")
+        res = self.model_params.active.resolution
+        height, width = height or res, width or res
+        for ids in per_sample:
+            self.validate(ids, height, width)
+        negs = ([negative_prompt or ""] * b) if not isinstance(negative_prompt, list) else negative_prompt
+        seeds = seed if isinstance(seed, list) else [seed if seed is not None else int(torch.seed() % 2**31)] * b
+        seeds = [int(s) + (j if not isinstance(seed, list) and b > 1 else 0) for j, s in enumerate(seeds)]
+        g = torch.tensor(guidance_scale if isinstance(guidance_scale, list) else [guidance_scale] * b,
+                         dtype=torch.float32)
+        default_scale = self.model_params.saa.id_scale
+        scale = torch.tensor(id_scale if isinstance(id_scale, list) else
+                             [default_scale if id_scale is None else id_scale] * b, dtype=torch.float32)
+        do_cfg = bool((g > 1.0).any())
+
+        device, unet_dtype = self.device, self.unet.dtype
+        # 2-3. identities: face analysis and encoders once per request
+        encoded = [self.encode_identities(ids) for ids in per_sample] if n else []
+        # 4. prompt
+        text, _ = text_embeddings(self.backbone, prompts)
+        if n:
+            id_tokens = torch.stack([e.tokens.flatten(0, 1) for e in encoded])          # [b, N*K, D]
+            cond = torch.cat([text, id_tokens.to(text.dtype)], dim=1)
+        else:
+            cond = text
+        if do_cfg:
+            neg, _ = text_embeddings(self.backbone, negs)
+            if n:
+                unc_ids = self.uncond_tokens().repeat(n, 1).to(neg.dtype)                 # [N*K, D]
+                neg = torch.cat([neg, unc_ids.expand(b, -1, -1)], dim=1)
+            states = torch.cat([neg, cond]).to(unet_dtype)
+        else:
+            states = cond.to(unet_dtype)
+
+        # 5. denoise
+        vsf = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        lh, lw = height // vsf, width // vsf
+        latents = torch.cat([
+            torch.randn((1, self.unet.config.in_channels, lh, lw), generator=torch.Generator("cpu").manual_seed(s))
+            for s in seeds
+        ]).to(device=device, dtype=unet_dtype)
+        ctx = None
+        if n:
+            regions = torch.stack([self.regions(ids) for ids in per_sample])               # [b, N, 4]
+            reps = 2 if do_cfg else 1
+            saa = self.model_params.saa
+            scale_all = scale.repeat(reps).to(device)
+            id_scale_arg: float | torch.Tensor = float(scale[0]) if bool((scale == scale[0]).all()) else scale_all
+            ctx = IDContext(
+                num_ids=n, num_tokens=self.dims.num_tokens, regions=regions.repeat(reps, 1, 1).to(device),
+                latent_hw=(lh, lw), id_scale=id_scale_arg, gating=saa.gating, tau=saa.tau, boost=saa.boost,
+            )
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        latents = latents * self.scheduler.init_noise_sigma
+        g_dev = g.to(device=device, dtype=unet_dtype).view(-1, 1, 1, 1)
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            kwargs = {}
+            if ctx is not None:
+                ctx.boost_active = i < self.model_params.saa.boost_steps
+                kwargs = {"cross_attention_kwargs": {"id_context": ctx}}
+            model_in = torch.cat([latents] * 2) if do_cfg else latents
+            model_in = self.scheduler.scale_model_input(model_in, t)
+            noise = self.unet(model_in, t, encoder_hidden_states=states, **kwargs).sample
+            if do_cfg:
+                uncond, condn = noise.chunk(2)
+                noise = uncond + g_dev * (condn - uncond)
+            latents = self.scheduler.step(noise, t, latents).prev_sample
+
+        # 6. decode
+        image = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        image = (image / 2 + 0.5).clamp(0, 1)
+        results = [e.results for e in encoded] if n else [[] for _ in range(b)]
+        if output_type == "pt":
+            return DynamicIDOutput(images=image.float().cpu(), identities=results, seeds=seeds)  # type: ignore[arg-type]
+        arr = (image.float().permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+        return DynamicIDOutput(images=[Image.fromarray(a) for a in arr], identities=results, seeds=seeds)
+
+
+def fe_dtype(module: torch.nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+__all__ = ["DynamicIDPipeline", "DynamicIDOutput", "IdentityInput", "IdentityResult", "GenerationError",
+           "EncodedIdentities"]

@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny-profile params with a per-session cache, and real face photos.
+
+The tiny base is built in code once per test session (seeded), then every test loads it
+through the real ``from_pretrained(local_files_only=True)`` path.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("dynamicid-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_params(cache_dir):
+    """Params for the embedded default (tiny profile, dlib faces) with a session cache."""
+    from components.config import params_from_dict
+
+    return params_from_dict({"storage": {"cache_dir": str(cache_dir)}})
+
+
+@pytest.fixture(scope="session")
+def face_images_dir() -> Path:
+    """insightface's wheel ships real photos: t1.jpg (6 people) and Tom_Hanks_54745.png."""
+    import insightface
+
+    return Path(insightface.__file__).parent / "data" / "images"
+
+
+@pytest.fixture(scope="session")
+def group_photo(face_images_dir) -> Path:
+    return face_images_dir / "t1.jpg"
+
+
+@pytest.fixture(scope="session")
+def single_face_photo(face_images_dir) -> Path:
+    return face_images_dir / "Tom_Hanks_54745.png"

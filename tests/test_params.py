@@ -1,0 +1,71 @@
+"""params.yaml loading: validation names the bad key path and the allowed values."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from components.cli import main
+from components.config import ParamsError, flatten, load_params, params_from_dict, params_hash, parse_overrides
+
+
+def test_defaults_are_the_embedded_profile():
+    p = params_from_dict({})
+    assert p.model.profile == "tiny"
+    assert p.face.resolved_backend("tiny") == "dlib"
+    assert p.face.resolved_backend("sd15") == "insightface"
+    assert p.model.active is p.model.tiny
+
+
+def test_unknown_key_names_path_and_allowed_keys():
+    with pytest.raises(ParamsError) as err:
+        params_from_dict({"model": {"saa": {"taus": 0.2}}})
+    msg = str(err.value)
+    assert "model.saa.taus: unknown key" in msg
+    assert "tau" in msg and "boost_steps" in msg
+
+
+def test_bad_value_names_path_and_allowed_values():
+    with pytest.raises(ParamsError) as err:
+        params_from_dict({"model": {"profile": "sdxl"}})
+    assert "model.profile" in str(err.value) and "'tiny' or 'sd15'" in str(err.value)
+    with pytest.raises(ParamsError, match=r"model.tiny.resolution"):
+        params_from_dict({"model": {"tiny": {"resolution": 60}}})
+    with pytest.raises(ParamsError, match=r"model.saa.tau"):
+        params_from_dict({"model": {"saa": {"tau": 1.5}}})
+
+
+def test_overrides_parse_yaml_values_and_switch_profile(tmp_path):
+    f = tmp_path / "params.yaml"
+    f.write_text(yaml.safe_dump({"model": {"max_ids": 3}}))
+    p = load_params(f, ["model.profile=sd15", "model.saa.gating=false"])
+    assert p.model.profile == "sd15" and p.model.saa.gating is False and p.model.max_ids == 3
+    assert p.model.active.lora_rank == 128
+    assert parse_overrides(["a.b=[1, 2]"]) == {"a": {"b": [1, 2]}}
+    with pytest.raises(ParamsError):
+        parse_overrides(["novalue"])
+
+
+def test_missing_explicit_file_is_an_error(tmp_path):
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_hash_and_flatten_are_stable():
+    a, b = params_from_dict({}), params_from_dict({"model": {"profile": "tiny"}})
+    assert params_hash(a) == params_hash(b)
+    assert params_hash(a) != params_hash(params_from_dict({"model": {"max_ids": 2}}))
+    flat = flatten(a)
+    assert flat["model.saa.tau"] == 0.3
+
+
+def test_repo_params_yaml_validates():
+    p = load_params("params.yaml")
+    assert p.model.profile in ("tiny", "sd15")
+
+
+def test_cli_params_command(capsys):
+    assert main(["-S", "model.max_ids=2", "params", "--section", "model"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["max_ids"] == 2
+    assert main(["-S", "model.maxids=2", "params"]) == 2
+    assert "model.maxids: unknown key" in capsys.readouterr().err
