@@ -114,6 +114,7 @@ class DynamicIDPipeline(DiffusionPipeline):
         self.model_params = ModelParams()
         self.face_params = FaceParams()
         self.face_analyzer = None
+        self.step_runner = None
         self._uncond_tokens: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ construction
@@ -282,6 +283,15 @@ class DynamicIDPipeline(DiffusionPipeline):
         return EncodedIdentities(tokens=tokens, results=results)
 
     # ------------------------------------------------------------------ generation
+    def denoise_step(self, latents: torch.Tensor, t: torch.Tensor, states: torch.Tensor, ctx) -> torch.Tensor:
+        """One UNet evaluation: latents [B, C, h, w], states [B, T + N*K, D] -> noise [B, C, h, w].
+
+        ``self.step_runner`` (same signature), when set, replaces it: the fast path
+        (model/fast.py) installs a captured/compiled runner there.
+        """
+        kwargs = {"cross_attention_kwargs": {"id_context": ctx}} if ctx is not None else {}
+        return self.unet(latents, t, encoder_hidden_states=states, **kwargs).sample
+
     @torch.no_grad()
     def __call__(
         self,
@@ -362,13 +372,11 @@ class DynamicIDPipeline(DiffusionPipeline):
         latents = latents * self.scheduler.init_noise_sigma
         g_dev = g.to(device=device, dtype=unet_dtype).view(-1, 1, 1, 1)
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            kwargs = {}
             if ctx is not None:
                 ctx.boost_active = i < self.model_params.saa.boost_steps
-                kwargs = {"cross_attention_kwargs": {"id_context": ctx}}
             model_in = torch.cat([latents] * 2) if do_cfg else latents
             model_in = self.scheduler.scale_model_input(model_in, t)
-            noise = self.unet(model_in, t, encoder_hidden_states=states, **kwargs).sample
+            noise = (self.step_runner or self.denoise_step)(model_in, t, states, ctx)
             if do_cfg:
                 uncond, condn = noise.chunk(2)
                 noise = uncond + g_dev * (condn - uncond)
