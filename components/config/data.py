@@ -13,10 +13,22 @@ class DataParams(StrictModel):
 
 
 class SynthParams(StrictModel):
+    """The synthetic face test-bed written by ``dynamicid synth`` (components/synth.py)."""
+
     identities: int = Field(48, ge=2)
-    images_per_identity: int = Field(35, ge=2)
+    images_per_identity: int = Field(35, ge=2, description="35 = every expression x pose combination once")
     size: int = Field(128, ge=64, description="image side in pixels")
     seed: int = 0
+    bad_samples: int = Field(
+        6, ge=0, le=6,
+        description="deliberately bad files to write (truncated PNG, empty file, no face, two faces, "
+        "duplicate, tiny face; the first N) so that prepare's quarantine has something to report",
+    )
+    supersample: int = Field(2, ge=1, le=4, description="render at this many samples per pixel side, then box-filter")
+    workers: int = Field(0, ge=0, description="rendering processes; 0 = all cores")
+    check_faces: bool = Field(
+        False, description="after writing, measure dlib face detection / recognition on the test-bed and report it"
+    )
 
 
 class PrepareParams(StrictModel):
