@@ -28,6 +28,8 @@ COPY model /src/model
 COPY components /src/components
 COPY pipelines /src/pipelines
 COPY serving /src/serving
+# The PyTorchJob and InferenceService templates ship in the wheel (launch/deploy patch them).
+COPY k8s/base/pytorchjob-anchor.yaml k8s/base/inferenceservice.yaml /src/k8s/base/
 # psycopg2-binary: the MLflow server's PostgreSQL backend store driver (k8s/base/mlflow.yaml).
 RUN uv pip install --python /opt/venv/bin/python --constraint /opt/torch-constraint.txt \
       "/src[${EXTRAS}]" "psycopg2-binary>=2.9"

@@ -491,7 +491,8 @@ def test_build_context_is_an_allow_list_of_the_packaged_sources() -> None:
     assert lines[0] == "*", "deny everything first, so data and credentials never reach the daemon"
     allowed = {ln[1:].rstrip("/") for ln in lines if ln.startswith("!")}
     hatch = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["hatch"]
-    packages = set(hatch["build"]["targets"]["wheel"]["packages"])
+    wheel = hatch["build"]["targets"]["wheel"]
+    packages = set(wheel["packages"]) | set(wheel.get("force-include", {}))
     assert allowed == packages | {"pyproject.toml", "README.md"}
     for path in (ROOT / "Dockerfile", ROOT / "serving" / "Dockerfile"):
         copied = {src for line in re.findall(r"^COPY (?!--from)(.+)$", path.read_text(), re.M)
