@@ -95,6 +95,24 @@ class ProfileParams(StrictModel):
         return v
 
 
+class TinyFaceEncoderParams(FaceEncoderParams):
+    """Tiny defaults as class defaults, so a partial ``model.tiny.face_encoder`` keeps them."""
+
+    depth: int = Field(2, ge=1)
+    heads: int = Field(2, ge=1)
+    dim_head: int = Field(16, ge=1)
+    ff_mult: int = Field(2, ge=1)
+
+
+class TinyIMRParams(IMRParams):
+    """Tiny defaults as class defaults, so a partial ``model.tiny.imr`` keeps them."""
+
+    width: int = Field(64, ge=8)
+    heads: int = Field(2, ge=1)
+    landmark_feature_dim: int = Field(64, ge=8)
+    ff_mult: int = Field(2, ge=1)
+
+
 class TinyProfileParams(ProfileParams):
     """Every model built in code from these small configs; runs on a CPU in seconds."""
 
@@ -112,8 +130,8 @@ class TinyProfileParams(ProfileParams):
     vae: TinyVAEParams = TinyVAEParams()
     text: TinyTransformerParams = TinyTransformerParams()
     vision: TinyVisionParams = TinyVisionParams()
-    face_encoder: FaceEncoderParams = FaceEncoderParams(depth=2, heads=2, dim_head=16, ff_mult=2)
-    imr: IMRParams = IMRParams(depth=1, width=64, heads=2, landmark_feature_dim=64, ff_mult=2)
+    face_encoder: TinyFaceEncoderParams = TinyFaceEncoderParams()
+    imr: TinyIMRParams = TinyIMRParams()
 
 
 class SD15ProfileParams(ProfileParams):

@@ -463,3 +463,16 @@ def build_face_analyzer(face: FaceParams, profile: str = "tiny") -> FaceAnalyzer
     if backend == "dlib":
         return DlibFaceAnalyzer(face.dlib)
     return InsightFaceAnalyzer(face.insightface)
+
+
+def face_crop_box(bbox: np.ndarray, hw: tuple[int, int], margin: float = 0.25) -> tuple[int, int, int, int]:
+    """The CLIP face crop (training and inference share it): square box around a face box (x0, y0, x1, y1), grown by ``margin`` and clipped to the image."""
+    x0, y0, x1, y1 = [float(v) for v in bbox]
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    side = max(x1 - x0, y1 - y0) * (1 + 2 * margin)
+    h, w = hw
+    side = min(side, h, w)
+    left = int(round(min(max(cx - side / 2, 0), w - side)))
+    top = int(round(min(max(cy - side / 2, 0), h - side)))
+    s = int(round(side))
+    return left, top, left + s, top + s

@@ -16,10 +16,12 @@ nothing about where the face is.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import Tensor
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _disc_offsets(radius: int) -> np.ndarray:
@@ -61,11 +63,13 @@ def landmarks_to_tensor(
     frame_hw: tuple[int, int],
     size: int = 96,
     radius: int = 1,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> Tensor:
+    device: "torch.device | str | None" = None,
+    dtype: "torch.dtype | None" = None,
+) -> "torch.Tensor":
     """Batch of landmark sets (one per identity) -> keypoint-encoder input [B, 1, size, size]."""
     if len(points) == 0:
         raise ValueError("landmarks_to_tensor: need at least one landmark set")
+    import torch  # only this helper needs torch; render_landmarks stays numpy-only for data workers
+
     images = np.stack([render_landmarks(p, frame_hw, size=size, radius=radius) for p in points])  # [B, 1, S, S]
-    return torch.from_numpy(images).to(device=device, dtype=dtype)
+    return torch.from_numpy(images).to(device=device, dtype=dtype or torch.float32)

@@ -69,3 +69,10 @@ def test_cli_params_command(capsys):
     assert yaml.safe_load(capsys.readouterr().out)["max_ids"] == 2
     assert main(["-S", "model.maxids=2", "params"]) == 2
     assert "model.maxids: unknown key" in capsys.readouterr().err
+
+
+def test_partial_profile_section_keeps_profile_defaults():
+    p = params_from_dict({"model": {"tiny": {"imr": {"landmark_size": 48}, "face_encoder": {"depth": 3}}}})
+    assert p.model.tiny.imr.width == 64 and p.model.tiny.imr.landmark_size == 48
+    assert p.model.tiny.face_encoder.heads == 2 and p.model.tiny.face_encoder.depth == 3
+    assert p.model.sd15.imr.width == 1024

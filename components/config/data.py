@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from model.config import StrictModel
 
@@ -32,11 +32,36 @@ class SynthParams(StrictModel):
 
 
 class PrepareParams(StrictModel):
+    """``dynamicid prepare`` (components/prepare.py, docs/data.md)."""
+
     shard_size: int = Field(512, ge=1, description="samples per shard")
     test_fraction: float = Field(0.125, ge=0.0, lt=1.0, description="fraction of identities held out for test")
-    val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
-    split_seed: int = 0
-    workers: int = Field(0, ge=0, description="0 = all cores")
-    crop_size: int = Field(128, ge=32, description="side of the aligned face crop stored per sample")
-    image_size: int = Field(64, ge=8, description="side of the training image stored per sample")
-    one_face: bool = Field(True, description="reject images with several faces")
+    val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of identities held out for validation")
+    split_seed: int = Field(0, description="identities are ranked by sha256(split_seed, name) to pick the splits")
+    workers: int = Field(0, ge=0, description="analysis processes; 0 = all cores (1 when there is little to do)")
+    crop_size: int = Field(
+        0, ge=0, description="side of the face crop (CLIP image-encoder input) stored per sample; "
+        "0 = model.<profile>.face_crop_size",
+    )
+    image_size: int = Field(
+        0, ge=0, description="side of the training image stored per sample; 0 = model.<profile>.resolution"
+    )
+    one_face: bool = Field(True, description="reject images with several faces (of at least face.min_face_size)")
+    default_caption: str = Field("a photo of a person", min_length=1,
+                                 description="caption of images that captions.jsonl does not list")
+    detection_check: int = Field(
+        64, ge=0, description="annotated images also run through the face detector to measure its detection "
+        "rate on this data (data_report.json detection_check); 0 = off",
+    )
+    max_file_mb: float = Field(64.0, gt=0, description="larger files are quarantined without being read")
+    work_dir: str | None = Field(
+        None, description="content-addressed per-image results (resume, no-op reruns); "
+        "null = <storage.cache_dir>/prepare. Safe to delete (everything is recomputed).",
+    )
+
+    @field_validator("crop_size", "image_size")
+    @classmethod
+    def _size(cls, v: int) -> int:
+        if 0 < v < 8:
+            raise ValueError("must be 0 (follow the model profile) or at least 8 pixels")
+        return v
