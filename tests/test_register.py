@@ -1,0 +1,333 @@
+"""``dynamicid register``: the gate (explicit values), and registry publishing against a real local MLflow
+store (sqlite), with real evaluations of tiny checkpoints on real faces."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from components.cli import main
+from components.config import ParamsError, params_from_dict
+from components.config.evaluate import GateParams
+from components.register import check_gate, format_table
+from tests.services import write_face_dataset
+
+
+# --------------------------------------------------------------------------- the gate, explicit values
+
+
+def test_gate_checks_with_explicit_values():
+    gate = GateParams(minimums={"single.id_similarity": 0.30, "single.clip_t": 0.20},
+                      maximums={"multi2.confusion_rate": 0.10},
+                      max_regression={"single.id_similarity": 0.02, "edit.pose_error": 1.0, "multi2.id_lift": 0.1})
+    metrics = {"single.id_similarity": 0.25, "single.clip_t": 0.21, "multi2.confusion_rate": 0.15,
+               "edit.pose_error": 12.5, "multi2.id_lift": 0.3}
+    champion = {"single.id_similarity": 0.26, "edit.pose_error": 11.0}
+    res = check_gate(metrics, gate, champion, "7")
+    by = {(c.metric, c.check): c for c in res.checks}
+    assert not res.passed and len(res.checks) == 6
+    assert by[("single.id_similarity", "minimum")].margin == pytest.approx(-0.05)
+    assert by[("single.clip_t", "minimum")].passed and by[("single.clip_t", "minimum")].margin == pytest.approx(0.01)
+    assert by[("multi2.confusion_rate", "maximum")].margin == pytest.approx(-0.05)
+    reg = by[("single.id_similarity", "vs champion")]          # higher is better: may drop 0.02 below 0.26
+    assert reg.limit == pytest.approx(0.24) and reg.passed and reg.margin == pytest.approx(0.01)
+    pose = by[("edit.pose_error", "vs champion")]               # lower is better: may rise 1.0 above 11.0
+    assert pose.limit == pytest.approx(12.0) and not pose.passed and pose.margin == pytest.approx(-0.5)
+    missing = by[("multi2.id_lift", "vs champion")]             # the champion has no value: nothing to regress
+    assert missing.passed and "champion v7 has no value" in missing.note
+    assert [f.metric for f in res.failures] == ["single.id_similarity", "multi2.confusion_rate", "edit.pose_error"]
+    table = format_table(res)
+    assert "FAIL" in table and "-0.0500" in table and "-0.5000" in table and "champion v7 11.0000 + 1" in table
+
+    # a threshold on a metric the evaluation did not measure fails; without a champion regressions pass
+    res = check_gate({"single.id_similarity": 0.5}, GateParams(minimums={"edit.expression_agreement": 0.5},
+                                                               max_regression={"single.id_similarity": 0.0}))
+    assert [(c.passed, c.note) for c in res.checks] == [(False, "not measured"), (True, "no champion")]
+    assert check_gate({"single.id_similarity": 0.5}, GateParams()).passed  # no thresholds: nothing to fail
+
+
+def test_gate_thresholds_are_validated_with_the_key_path():
+    with pytest.raises(ParamsError, match=r"gate.minimums: .*unknown metric 'single.nope'"):
+        params_from_dict({"gate": {"minimums": {"single.nope": 0.1}}})
+    with pytest.raises(ParamsError, match="lower-is-better: put its threshold under gate.maximums"):
+        params_from_dict({"gate": {"minimums": {"multi2.confusion_rate": 0.1}}})
+    with pytest.raises(ParamsError, match="gate.max_regression"):
+        params_from_dict({"gate": {"max_regression": {"single.clip_t": -0.1}}})
+    ok = params_from_dict({"gate": {"maximums": {"multi3.confusion_rate": 0.2}, "max_regression": {"edit.pose_error": 2}}})
+    assert ok.gate.maximums == {"multi3.confusion_rate": 0.2}
+
+
+# --------------------------------------------------------------------------- real evaluations + registry
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _workdir(tmp_path_factory):
+    """MLflow's local store puts artefacts under ./mlruns: keep them out of the repository."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path_factory.mktemp("cwd"))
+        yield
+
+
+@pytest.fixture(scope="module")
+def env(tiny_params, tmp_path_factory, group_photo, single_face_photo):
+    root = tmp_path_factory.mktemp("register")
+    prepared = write_face_dataset(root / "prepared", group_photo, single_face_photo, test_identities=3)
+    evaluate = {"steps": 1, "num_identities": 2, "prompts": ["a photo of a person"], "seeds": [0],
+                "multi_prompts": ["a photo of {count} people"], "multi_id": [2], "multi_groups": 1,
+                "edits": ["the face is turned to the left"], "compare_champion": False}
+    sets = {"storage.cache_dir": str(tiny_params.storage.cache_dir), "data.prepared": str(prepared),
+            "mlflow.tracking_uri": f"sqlite:///{root}/mlflow.db", "gate.output": str(root / "gate"),
+            **{f"evaluate.{k}": v for k, v in evaluate.items()}}
+    return {"root": root, "sets": sets, "params": tiny_params}
+
+
+def run_cli(env, *args, **overrides) -> int:
+    sets = {**env["sets"], **overrides}
+    argv = [x for k, v in sets.items() for x in ("-S", f"{k}={json.dumps(v)}")]
+    return main([*argv, *args])
+
+
+def _ckpt(env, name: str, seed: int):
+    from model.loading import init_checkpoint
+
+    p = env["params"]
+    return init_checkpoint(p.model, p.face, env["root"] / name, p.storage.cache_dir, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def evaluation(env):
+    """A real evaluation of a tiny checkpoint: (output dir, checkpoint, flat metrics)."""
+    from components.metrics import flatten_metrics
+
+    ckpt = _ckpt(env, "ckpt_a", 1)
+    out = env["root"] / "eval_a"
+    assert run_cli(env, "evaluate", "--checkpoint", str(ckpt), "--output", str(out)) == 0
+    return out, ckpt, flatten_metrics(json.loads((out / "metrics.json").read_text()))
+
+
+def _client(env):
+    from mlflow import MlflowClient
+
+    return MlflowClient(env["sets"]["mlflow.tracking_uri"])
+
+
+def _versions(env, name):
+    return sorted(int(v.version) for v in _client(env).search_model_versions(f"name='{name}'"))
+
+
+def _alias(env, name, alias):
+    from components.registry import alias_version
+
+    mv = alias_version(_client(env), name, alias)
+    return None if mv is None else int(mv.version)
+
+
+def test_failing_candidate_is_not_registered(env, evaluation, capsys):
+    out, _, m = evaluation
+    rc = run_cli(env, "register", "--metrics", str(out / "metrics.json"),
+                 **{"mlflow.registered_model": "dyn_fail",
+                    "gate.minimums": {"single.clip_t": m["single.clip_t"] + 0.25, "single.region_similarity": -1.0}})
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "single.clip_t" in err and "FAIL" in err and "-0.2500" in err and "nothing registered" in err
+    assert "gate failed (1 of 2 checks): single.clip_t minimum: misses" in err and "by 0.2500" in err
+    assert _versions(env, "dyn_fail") == []
+    rec = json.loads((env["root"] / "gate" / "registration.json").read_text())
+    assert rec["registered"] is False and rec["gate"]["passed"] is False
+
+
+@pytest.fixture(scope="module")
+def registered(env, evaluation):
+    out, ckpt, m = evaluation
+    vfile = env["root"] / "version.txt"
+    rc = run_cli(env, "register", "--metrics", str(out / "metrics.json"), "--promote", "--version-file", str(vfile),
+                 **{"gate.minimums": {"single.clip_t": m["single.clip_t"] - 0.5}})
+    return rc, vfile
+
+
+def test_passing_candidate_is_registered_with_lineage_and_promoted(env, evaluation, registered):
+    from components.registry import checkpoint_digest, download_checkpoint
+
+    out, ckpt, metrics = evaluation
+    rc, vfile = registered
+    assert rc == 0 and vfile.read_text() == "1"
+    assert _alias(env, "dynamicid", "candidate") == 1 and _alias(env, "dynamicid", "champion") == 1
+    mv = _client(env).get_model_version("dynamicid", "1")
+    report = json.loads((out / "report.json").read_text())
+    for key in ("git_commit", "params_hash", "data_version", "eval_set_hash", "checkpoint_digest"):
+        assert mv.tags[key] == report[key], key
+    assert mv.tags["data_version"].startswith("sha256:") and mv.tags["verified"] == "true"
+    assert mv.tags["train.stage"] == "init" and mv.tags["gate"] == "passed"
+    assert {k[len("metric."):]: float(v) for k, v in mv.tags.items() if k.startswith("metric.")} == metrics
+    assert mv.run_id == report["mlflow"]["run_id"]  # the model lives in the evaluation's run
+    # the registered artefacts hold exactly the evaluated checkpoint, where find_checkpoint finds it
+    got = download_checkpoint("models:/dynamicid@champion", env["root"] / "download")
+    assert checkpoint_digest(got) == checkpoint_digest(ckpt)
+
+
+def test_pyfunc_model_loads_by_alias_and_generates(env, evaluation, registered, single_face_photo):
+    import mlflow
+    from PIL import Image
+
+    from components.shards import decode_png
+    from model.face_analysis import load_image
+    from model.loading import load_pipeline
+    from model.pipeline import GenerationError, IdentityInput
+
+    _, ckpt, _ = evaluation
+    mlflow.set_tracking_uri(env["sets"]["mlflow.tracking_uri"])
+    model = mlflow.pyfunc.load_model("models:/dynamicid@champion")
+    from components.registry import checkpoint_digest
+
+    assert model.metadata.metadata == {"profile": "tiny", "face_backend": "dlib",
+                                       "checkpoint_digest": checkpoint_digest(ckpt)}
+    b64 = base64.b64encode(single_face_photo.read_bytes()).decode()
+    out = model.predict([{"prompt": "a photo of a person", "images": [b64], "steps": 2, "seed": 5,
+                          "guidance_scale": 5.0}])
+    assert list(out.columns) == ["image", "seed", "identities"] and int(out["seed"][0]) == 5
+    got = decode_png(base64.b64decode(out["image"][0]))
+    assert got.shape == (64, 64, 3)
+    assert json.loads(out["identities"][0])[0]["region"] == [0.0, 0.0, 1.0, 1.0]
+    # the same request through the pipeline loaded directly from the checkpoint: the same pixels
+    p = env["params"]
+    pipe = load_pipeline(p.model, p.face, ckpt, p.storage.cache_dir)
+    pipe.set_progress(False)
+    want = pipe("a photo of a person", [IdentityInput(image=load_image(single_face_photo.read_bytes()))],
+                num_inference_steps=2, guidance_scale=5.0, seed=5).images[0]
+    np.testing.assert_array_equal(got, np.asarray(want))
+    # two requests, one text-only, in one call
+    two = model.predict([{"prompt": "a photo of a person", "images": [], "steps": 1},
+                         {"prompt": "two people", "images": [b64, b64], "steps": 1}])
+    assert len(two) == 2 and json.loads(two["identities"][0]) == [] and len(json.loads(two["identities"][1])) == 2
+    with pytest.raises(GenerationError, match=r"request 0: images\[0\] is not valid base64"):
+        model.predict([{"prompt": "x", "images": ["not base64!"], "steps": 1}])
+    blank = Image.new("RGB", (96, 96), "gray")
+    import io
+
+    buf = io.BytesIO()
+    blank.save(buf, format="PNG")
+    with pytest.raises(GenerationError, match="request 0: identity 0: no face"):
+        model.predict([{"prompt": "x", "images": [base64.b64encode(buf.getvalue()).decode()], "steps": 1}])
+
+
+def _rewrite_metrics(src, dst, changes):
+    """A copy of an evaluation with explicit metric values (report.json unchanged)."""
+    shutil.copytree(src, dst)
+    metrics = json.loads((dst / "metrics.json").read_text())
+    for key, value in changes.items():
+        kind, leaf = key.split(".", 1)
+        metrics[kind][leaf] = value
+    (dst / "metrics.json").write_text(json.dumps(metrics))
+    return dst / "metrics.json"
+
+
+def test_regression_against_the_champion_blocks(env, evaluation, capsys):
+    out, _, m = evaluation
+    name = {"mlflow.registered_model": "dyn_regress"}
+    assert run_cli(env, "register", "--metrics", str(out / "metrics.json"), "--promote", **name) == 0
+    capsys.readouterr()
+    worse = _rewrite_metrics(out, env["root"] / "eval_worse", {"single.clip_t": m["single.clip_t"] - 0.3})
+    rc = run_cli(env, "register", "--metrics", str(worse), **name,
+                 **{"gate.max_regression": {"single.clip_t": 0.1}})
+    err = capsys.readouterr().err
+    assert rc == 1 and "vs champion" in err and "champion v1" in err and "-0.2000" in err
+    assert _versions(env, "dyn_regress") == [1] and _alias(env, "dyn_regress", "champion") == 1
+    # within the allowed regression: registered as candidate, the champion stays
+    assert run_cli(env, "register", "--metrics", str(worse), **name,
+                   **{"gate.max_regression": {"single.clip_t": 0.5}}) == 0
+    assert _versions(env, "dyn_regress") == [1, 2]
+    assert _alias(env, "dyn_regress", "candidate") == 2 and _alias(env, "dyn_regress", "champion") == 1
+    # params gate.promote moves the champion like --promote
+    assert run_cli(env, "register", "--metrics", str(worse), **name,
+                   **{"gate.max_regression": {"single.clip_t": 0.5}, "gate.promote": True}) == 0
+    assert _alias(env, "dyn_regress", "champion") == 3 and _alias(env, "dyn_regress", "candidate") == 3
+
+
+def test_champion_from_another_evaluation_set_is_measured_on_this_one(env, evaluation, capsys):
+    from components.metrics import flatten_metrics
+
+    out_a, ckpt_a, _ = evaluation
+    name = {"mlflow.registered_model": "dyn_champ"}
+    assert run_cli(env, "register", "--metrics", str(out_a / "metrics.json"), "--promote", **name) == 0
+    ckpt_b = _ckpt(env, "ckpt_b", 2)
+    out_b = env["root"] / "eval_b"
+    # another seed list: another evaluation set, so the champion's recorded metrics do not apply
+    assert run_cli(env, "evaluate", "--checkpoint", str(ckpt_b), "--output", str(out_b), **name,
+                   **{"evaluate.seeds": [1], "evaluate.compare_champion": True}) == 0
+    report = json.loads((out_b / "report.json").read_text())
+    mb = flatten_metrics(json.loads((out_b / "metrics.json").read_text()))
+    champ = report["champion"]
+    assert champ["version"] == "1" and champ["source"] == "measured"
+    assert champ["eval_set_hash"] == report["eval_set_hash"] != json.loads((out_a / "report.json").read_text())[
+        "eval_set_hash"]
+    measured = {k: v for k, v in champ["metrics"].items() if v is not None}
+    assert set(measured) == set(mb) and measured["single.clip_t"] != mb["single.clip_t"]
+    capsys.readouterr()
+    assert run_cli(env, "register", "--metrics", str(out_b / "metrics.json"), "--promote", **name,
+                   **{"gate.max_regression": {"single.clip_t": 5.0}}) == 0
+    table = capsys.readouterr().out
+    assert f"champion v1 {measured['single.clip_t']:.4f} - 5" in table
+    # the champion (now v2, measured on B's set) vs A's old evaluation: different sets -> re-evaluate first
+    rc = run_cli(env, "register", "--metrics", str(out_a / "metrics.json"), **name,
+                 **{"gate.max_regression": {"single.clip_t": 5.0}})
+    assert rc == 2 and "rerun `dynamicid evaluate`" in capsys.readouterr().err
+    assert _versions(env, "dyn_champ") == [1, 2]
+
+
+def test_failed_verification_removes_the_version_and_moves_no_alias(env, evaluation, monkeypatch, capsys):
+    import mlflow.artifacts
+
+    out, _, _ = evaluation
+    real = mlflow.artifacts.download_artifacts
+
+    def corrupting(*args, **kwargs):
+        """The real download, then one checkpoint file truncated, as a broken store would return it."""
+        path = real(*args, **kwargs)
+        uri = kwargs.get("artifact_uri") or args[0]
+        if str(uri).startswith("models:/dyn_verify/"):
+            from model.checkpoint import find_checkpoint
+
+            target = find_checkpoint(path) / "face_encoder.safetensors"
+            target.write_bytes(target.read_bytes()[:100])
+        return path
+
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", corrupting)
+    rc = run_cli(env, "register", "--metrics", str(out / "metrics.json"), "--promote",
+                 **{"mlflow.registered_model": "dyn_verify"})
+    err = capsys.readouterr().err
+    assert rc == 2 and "registration failed, no alias moved" in err and "differ from the evaluated" in err
+    assert _versions(env, "dyn_verify") == []
+    assert _alias(env, "dyn_verify", "champion") is None and _alias(env, "dyn_verify", "candidate") is None
+
+
+def test_checkpoint_must_be_the_evaluated_one(env, evaluation, capsys):
+    out, _, _ = evaluation
+    other = _ckpt(env, "ckpt_other", 9)
+    rc = run_cli(env, "register", "--metrics", str(out / "metrics.json"), "--checkpoint", str(other),
+                 **{"mlflow.registered_model": "dyn_other"})
+    assert rc == 2 and "does not match the evaluated checkpoint" in capsys.readouterr().err
+    assert _versions(env, "dyn_other") == []
+
+
+def test_check_only_and_decision_file(env, evaluation, capsys, tmp_path):
+    out, _, m = evaluation
+    name = {"mlflow.registered_model": "dyn_check"}
+    decision = tmp_path / "decision"
+    failing = {"gate.minimums": {"single.clip_t": m["single.clip_t"] + 1}}
+    rc = run_cli(env, "register", "--metrics", str(out / "metrics.json"), "--check-only", "--decision-file",
+                 str(decision), **name, **failing)
+    assert rc == 0 and decision.read_text() == "false"
+    assert run_cli(env, "register", "--metrics", str(out / "metrics.json"), "--check-only", **name, **failing) == 1
+    rc = run_cli(env, "register", "--metrics", str(out / "metrics.json"), "--check-only", "--decision-file",
+                 str(decision), **name)
+    assert rc == 0 and decision.read_text() == "true" and "--check-only: nothing registered" in capsys.readouterr().out
+    assert _versions(env, "dyn_check") == []
+
+
+def test_missing_evaluation_is_a_user_error(env, tmp_path, capsys):
+    rc = run_cli(env, "register", "--metrics", str(tmp_path / "nowhere" / "metrics.json"))
+    assert rc == 2 and "run `dynamicid evaluate` first" in capsys.readouterr().err
