@@ -24,6 +24,7 @@ from PIL import Image
 from model.backbone import Backbone
 from model.config import FaceParams, ModelParams
 from model.dynamicid import DynamicID, clip_image_features, text_embeddings
+from model.face_analysis import face_crop_box  # noqa: F401  (re-exported: inference crop box)
 
 log = logging.getLogger(__name__)
 
@@ -86,19 +87,6 @@ def normalize_face_prompt(text: str) -> str:
     """'smiling' -> 'the expression is smiling'; full face prompts pass through."""
     t = text.strip().rstrip(".")
     return t if t.lower().startswith("the ") else f"the expression is {t}"
-
-
-def face_crop_box(bbox: np.ndarray, hw: tuple[int, int], margin: float = 0.25) -> tuple[int, int, int, int]:
-    """Square box around a face box (x0, y0, x1, y1), grown by ``margin`` and clipped to the image."""
-    x0, y0, x1, y1 = [float(v) for v in bbox]
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    side = max(x1 - x0, y1 - y0) * (1 + 2 * margin)
-    h, w = hw
-    side = min(side, h, w)
-    left = int(round(min(max(cx - side / 2, 0), w - side)))
-    top = int(round(min(max(cy - side / 2, 0), h - side)))
-    s = int(round(side))
-    return left, top, left + s, top + s
 
 
 class DynamicIDPipeline(DiffusionPipeline):
@@ -191,7 +179,7 @@ class DynamicIDPipeline(DiffusionPipeline):
             raise GenerationError(msg if who in msg else f"{who}: {msg}") from None
         left, top, right, bottom = face_crop_box(face.bbox, image.shape[:2])
         crop = Image.fromarray(image[top:bottom, left:right]).resize((self.backbone.image_size,) * 2, Image.BICUBIC)
-        crop_t = torch.from_numpy(np.asarray(crop)).permute(2, 0, 1).float() / 255.0
+        crop_t = torch.from_numpy(np.array(crop)).permute(2, 0, 1).float() / 255.0
         pts = np.asarray(face.landmarks, dtype=np.float32) - np.array([left, top], dtype=np.float32)
         size = self.dims.imr["landmark_size"]
         lmk = render_landmarks(pts, (bottom - top, right - left), size=size)
@@ -305,7 +293,10 @@ class DynamicIDPipeline(DiffusionPipeline):
         width: int | None = None,
         seed: int | list[int] | None = None,
         output_type: str = "pil",
+        encoded: Sequence[EncodedIdentities] | None = None,
     ) -> DynamicIDOutput:
+        """``encoded``: per-sample results of ``encode_identities`` already computed by the caller
+        (the server analyses faces per request before batching), so no face is analysed twice."""
         from model.saa import IDContext
 
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -333,7 +324,12 @@ class DynamicIDPipeline(DiffusionPipeline):
 
         device, unet_dtype = self.device, self.unet.dtype
         # 2-3. identities: face analysis and encoders once per request
-        encoded = [self.encode_identities(ids) for ids in per_sample] if n else []
+        if encoded is not None:
+            encoded = list(encoded)
+            if len(encoded) != b:
+                raise GenerationError(f"{b} prompts but {len(encoded)} encoded identity sets")
+        else:
+            encoded = [self.encode_identities(ids) for ids in per_sample] if n else []
         # 4. prompt
         text, _ = text_embeddings(self.backbone, prompts)
         if n:

@@ -1,0 +1,198 @@
+"""The KServe predictor: a ``kserve.Model`` that serves DynamicID over the v1 and v2 protocols.
+
+Life cycle: the server starts listening at once (liveness answers), ``start_engine`` loads the
+pipeline and runs one warm-up generation on the model thread, and only then ``ready`` turns true
+(model and server readiness both read it). ``load()`` does the same synchronously for callers
+that want KServe's load-before-serve pattern.
+
+A request goes: admission (503 past serve.max_queue) -> validation and image decoding (a worker
+thread, 4xx naming the field) -> face analysis + encoding (the encode thread; a bad photo fails
+here, alone) -> the batcher (same size/steps/identity count/guidance mode share a UNet batch) ->
+denoising on the model thread -> PNG encoding. The whole request runs under serve.request_timeout_s (504), and a batch whose
+requests all timed out is stopped at the next denoising step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from kserve import InferRequest, Model
+
+from serving.batching import AdmissionGate, Batcher
+from serving.errors import FieldNamer, ServingError, bad_request, overloaded, timed_out
+from serving.images import encode_png
+from serving.metrics import ServingMetrics
+from serving.protocol import V2_INPUTS, V2_OUTPUTS, v1_instances, v1_response, v2_instance, v2_response
+from serving.schema import Limits, RequestSchema
+
+log = logging.getLogger(__name__)
+
+
+class DynamicIDModel(Model):
+    def __init__(self, params, model_uri: str | None = None, metrics: ServingMetrics | None = None) -> None:
+        super().__init__(params.serve.model_name)
+        self.params = params
+        self.serve = params.serve
+        self.model_uri = model_uri or params.serve.model_uri
+        self.limits = Limits.from_params(params)
+        self.schema = RequestSchema(self.limits)
+        self.metrics = metrics or ServingMetrics(self.name, self.serve.max_batch_size)
+        self.gate = AdmissionGate(self.serve.max_queue)
+        self.batcher = Batcher(self._run_batch, self.serve.max_batch_size, self.serve.batch_window_ms / 1000.0,
+                               on_batch=self.metrics.batch)
+        # Model work off the event loop (health checks stay responsive), on two threads: loading
+        # and denoising batches on one (one model, one device, one batch at a time), face analysis
+        # + identity encoding of the next requests on the other, so that work overlaps a running
+        # batch and the next batch is full when it starts. torch's per-thread CPU thread count is
+        # set in each.
+        threads = (self.serve.cpu_threads,)
+        self._model_thread = ThreadPoolExecutor(1, "dynamicid-model", initializer=_set_threads, initargs=threads)
+        self._encode_thread = ThreadPoolExecutor(1, "dynamicid-encode", initializer=_set_threads, initargs=threads)
+        self._load_lock = threading.Lock()
+        self._engine = None
+        self.checkpoint: Path | None = None
+        self.engine = True  # kserve: start_engine() is part of the server's start, stop_engine() of its stop
+
+    # ------------------------------------------------------------------ life cycle
+    def load(self) -> bool:
+        if self.ready:
+            return True
+        if not self._load_lock.acquire(blocking=False):  # a load is already under way
+            return False
+        try:
+            from components.runtime import pipeline_from_params
+            from serving.engine import Engine
+            from serving.model_store import resolve_model_dir
+
+            t = time.perf_counter()
+            self.checkpoint = resolve_model_dir(self.params, self.model_uri)
+            pipe = pipeline_from_params(self.params, self.checkpoint)
+            pipe.set_progress(False)
+            engine = Engine(pipe, self.metrics)
+            loaded = time.perf_counter() - t
+            warm = 0.0
+            if self.serve.warmup:
+                lim = self.limits
+                warm = engine.warm_up(lim.resolution, lim.resolution, lim.default_guidance)
+            self._engine = engine
+            self.ready = True
+            log.info("model %s ready: checkpoint %s on %s, loaded in %.1f s, warm-up %.1f s", self.name,
+                     self.checkpoint, pipe.device, loaded, warm)
+        finally:
+            self._load_lock.release()
+        return self.ready
+
+    async def start_engine(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._model_thread, self.load)
+
+    def stop_engine(self) -> None:
+        self.ready = False
+        self._encode_thread.shutdown(wait=False, cancel_futures=True)
+        self._model_thread.shutdown(wait=False, cancel_futures=True)
+
+    async def healthy(self) -> bool:
+        return self.ready
+
+    def get_input_types(self) -> list[dict]:
+        return [dict(v) for v in V2_INPUTS.values()]
+
+    def get_output_types(self) -> list[dict]:
+        return [dict(v) for v in V2_OUTPUTS.values()]
+
+    # ------------------------------------------------------------------ serving
+    async def predict(self, payload: dict | InferRequest, headers: dict[str, str] | None = None,
+                      response_headers: dict[str, str] | None = None) -> dict | Any:
+        protocol = "v2" if isinstance(payload, InferRequest) else "v1"
+        try:
+            if not self.ready:  # the HTTP endpoints check readiness first; this guards direct callers
+                raise ServingError(503, "not_ready", "the model is still loading",
+                                   headers={"Retry-After": str(self.serve.retry_after_s)})
+            if protocol == "v2":
+                instances: list[tuple[Any, FieldNamer]] = [v2_instance(payload)]
+            else:
+                instances = v1_instances(payload)
+            self.metrics.request(protocol, len(instances))
+            predictions = await self._admitted(instances)
+        except ServingError as err:
+            self.metrics.error(err.reason, err.status)
+            raise
+        except Exception:
+            self.metrics.error("internal", 500)
+            raise
+        self.metrics.images.labels(self.name).inc(len(predictions))
+        if protocol == "v2":
+            return v2_response(payload, predictions[0], self.name)
+        return v1_response(predictions)
+
+    async def _admitted(self, instances: list[tuple[Any, FieldNamer]]) -> list[dict[str, Any]]:
+        n = len(instances)
+        if n > self.gate.capacity:
+            raise bad_request("too_many_instances", f"{n} instances in one request, at most {self.gate.capacity} "
+                              "(serve.max_queue)", "instances")
+        if not self.gate.try_acquire(n):
+            raise overloaded(self.gate.capacity, self.serve.retry_after_s)
+        self._depth()
+        t = time.perf_counter()
+        deadline = time.monotonic() + self.serve.request_timeout_s
+        try:
+            async with asyncio.timeout(self.serve.request_timeout_s):
+                return await self._all(instances, deadline)
+        except TimeoutError:
+            raise timed_out(self.serve.request_timeout_s) from None
+        finally:
+            self.gate.release(n)
+            self._depth()
+            self.metrics.observe("total", time.perf_counter() - t)
+
+    async def _all(self, instances: list[tuple[Any, FieldNamer]], deadline: float) -> list[dict[str, Any]]:
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tasks = [tg.create_task(self._one(raw, namer, deadline)) for raw, namer in instances]
+        except BaseExceptionGroup as group:  # one bad instance fails the request; name the first problem
+            first = next((e for e in group.exceptions if isinstance(e, ServingError)), group.exceptions[0])
+            raise first from None
+        return [t.result() for t in tasks]
+
+    async def _one(self, raw: Any, namer: FieldNamer, deadline: float) -> dict[str, Any]:
+        from serving.engine import BatchExpired, Job
+
+        loop = asyncio.get_running_loop()
+        t = time.perf_counter()
+        req = await asyncio.to_thread(self.schema.parse, raw, namer)
+        self.metrics.observe("validation", time.perf_counter() - t)
+        engine = self._engine
+        ids, encoded = await loop.run_in_executor(self._encode_thread, engine.encode, req)
+        job = Job(request=req, identities=ids, encoded=encoded, deadline=deadline)
+        queued = time.monotonic()
+        self._depth()
+        try:
+            result = await self.batcher.submit(req.batch_key, job)
+        except BatchExpired:  # the engine stopped the batch a moment before our own timer fired
+            raise timed_out(self.serve.request_timeout_s) from None
+        if job.started is not None:
+            self.metrics.observe("queue", job.started - queued)
+        png = await asyncio.to_thread(encode_png, result.image)
+        return {"image": png, "seed": result.seed, "identities": result.identities}
+
+    async def _run_batch(self, key: tuple, jobs: list) -> list:
+        self._depth()
+        return await asyncio.get_running_loop().run_in_executor(self._model_thread, self._engine.generate, key, jobs)
+
+    def _depth(self) -> None:
+        self.metrics.depth(self.gate.in_use, self.batcher.pending)
+
+
+def _set_threads(n: int | None) -> None:
+    if n is not None:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+__all__ = ["DynamicIDModel"]
