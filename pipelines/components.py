@@ -69,11 +69,12 @@ def train_from(settings: list, stage: str, upstream_stage: str, nodes: int, gpus
 
 
 @_component
-def evaluate(settings: list, model: Input[Model], metrics: Output[Metrics]):
-    """dynamicid evaluate: metrics.json (and grids) of the exported model."""
+def evaluate(settings: list, prepared: Input[Dataset], model: Input[Model], metrics: Output[Metrics]):
+    """dynamicid evaluate: metrics.json (and grids) of the exported model on the prepared test split."""
     from pipelines.steps import run
 
-    run(settings, "evaluate", "--checkpoint", model.path + "/export", "--output", metrics.path)
+    run(settings + [f"data.prepared={prepared.path}"], "evaluate", "--checkpoint", model.path + "/export",
+        "--output", metrics.path)
 
 
 @_component

@@ -120,7 +120,7 @@ def build_pipeline(params: Params, *, cluster: bool = True) -> Callable:
             upstream = (stage, task)
         model = upstream[1].outputs["model"]
 
-        evaluation = place(c.evaluate(settings=settings, model=model), image, "evaluate", gpus=p.evaluate_gpus)
+        evaluation = place(c.evaluate(settings=settings, prepared=data, model=model), image, "evaluate", gpus=p.evaluate_gpus)
         metrics = evaluation.outputs["metrics"]
         # The gate, the registry and the deployment change with the world (a new champion), not
         # only with their inputs: never served from kfp's cache.
