@@ -1,0 +1,209 @@
+"""Whole-image latency: DynamicIDPipeline, 30 DDIM steps + VAE decode + identity encoding.
+
+The pipeline is the project's own (model/pipeline.py) on SD1.5-size random-weight models.
+Face analysis (detector + ArcFace, insightface/onnxruntime) needs downloaded model packs, so
+a stand-in analyzer returns a fixed face record instantly; everything after it runs for
+real per request: crop, CLIP ViT-H/14 image features, face encoder, prompt encoding,
+denoising and decoding. The base model's image is the same pipeline with no identities.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from benchmarks.checks import rel_err
+from benchmarks.sd15 import build_backbone, model_params
+from benchmarks.timing import GIB, free, time_wall
+from model.face_analysis import Face
+
+
+class InstantAnalyzer:
+    """Stand-in for insightface: one centred face with 106 landmarks and a unit embedding."""
+
+    def __init__(self, dim: int = 512, seed: int = 0):
+        g = np.random.default_rng(seed)
+        self.embedding = g.standard_normal(dim).astype(np.float32)
+        self.embedding /= np.linalg.norm(self.embedding)
+        self.unit_landmarks = g.uniform(0.25, 0.75, size=(106, 2)).astype(np.float32)
+
+    def _face(self, h: int, w: int, bbox: np.ndarray) -> Face:
+        x0, y0, x1, y1 = bbox
+        lmk = self.unit_landmarks * np.array([x1 - x0, y1 - y0], np.float32) + np.array([x0, y0], np.float32)
+        kps = lmk[:5].copy()
+        return Face(bbox=bbox, kps=kps, landmarks=lmk, embedding=self.embedding.copy(), score=1.0, pose=(0.0, 0.0, 0.0))
+
+    def detect(self, image: np.ndarray) -> list[Face]:
+        h, w = image.shape[:2]
+        return [self._face(h, w, np.array([w * 0.25, h * 0.2, w * 0.75, h * 0.8], np.float32))]
+
+    def analyze_aligned(self, crop: np.ndarray) -> Face:
+        h, w = crop.shape[:2]
+        return self._face(h, w, np.array([0, 0, w, h], np.float32))
+
+    def embed_aligned(self, crop: np.ndarray) -> np.ndarray:
+        return self.embedding.copy()
+
+
+def build_pipeline(size: str, device: torch.device):
+    from model.config import FaceParams
+    from model.dynamicid import build_dynamicid
+    from model.pipeline import DynamicIDPipeline
+    from model.saa import merge_lora
+
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    backbone = build_backbone(size, device, dtype)
+    params = model_params(size)
+    dyn = build_dynamicid(backbone, params, "insightface")
+    merge_lora(backbone.unet)
+    dyn.to(device=device, dtype=dtype)
+    pipe = DynamicIDPipeline.from_backbone(backbone, dyn, params, FaceParams(), face_analyzer=InstantAnalyzer())
+    pipe.set_progress(False)
+    return pipe
+
+
+@torch.no_grad()
+def encoding_breakdown(pipe, ident, device: torch.device, reps: int) -> dict:
+    """Where one identity's encoding time goes: CPU analysis (crop, landmarks, prompt), CLIP, face encoder."""
+    from model.dynamicid import clip_image_features
+
+    a = pipe._analyse(ident, "identity 0")
+    crops = a["crop"][None].to(device)
+    feats = clip_image_features(pipe.backbone, crops)
+    fe = pipe.dynamicid.face_encoder
+    dtype = next(fe.parameters()).dtype
+    emb = torch.as_tensor(a["embedding"])[None].to(device, dtype)
+    parts = {
+        "analyse_cpu": lambda: pipe._analyse(ident, "identity 0"),
+        "clip_image_features": lambda: clip_image_features(pipe.backbone, crops),
+        "face_encoder": lambda: fe(emb, feats.to(dtype)),
+        "text_embeddings_2_prompts": lambda: _text(pipe),  # paid by the base image too
+    }
+    return {k: round(time_wall(fn, device, reps, warmup=2).median_ms, 3) for k, fn in parts.items()}
+
+
+def _text(pipe) -> None:
+    from model.dynamicid import text_embeddings
+
+    text_embeddings(pipe.backbone, ["a photo of a person in a park"])
+    text_embeddings(pipe.backbone, [""])
+
+
+def profile_call(fn, path: Path, repeat: int = 3) -> None:
+    """cProfile of a host-visible call (where host time goes: Python work, launches, waits on the GPU)."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(repeat):
+        fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    prof.disable()
+    buf = io.StringIO()
+    stats = pstats.Stats(prof, stream=buf)
+    stats.sort_stats("cumulative").print_stats(30)
+    stats.sort_stats("tottime").print_stats(15)
+    path.write_text(buf.getvalue())
+
+
+def profile_gpu(fn, path: Path) -> dict:
+    """torch.profiler over one call: GPU kernel time vs wall (how much of the call the GPU idles)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) * 1e3
+    events = prof.key_averages()
+    kernels = [e for e in events if e.device_type.name == "CUDA"]
+    gpu = sum(e.self_device_time_total for e in kernels) / 1e3
+    path.write_text(events.table(sort_by="self_cpu_time_total", row_limit=30) + "\n\n"
+                    + events.table(sort_by="self_device_time_total", row_limit=30))
+    return {"wall_ms_profiled": round(wall, 1), "gpu_kernel_ms": round(gpu, 1), "kernels": int(sum(e.count for e in kernels))}
+
+
+def run_images(size: str, device: torch.device, reps: int, steps: int, res: int, log: Callable,
+               out: Path | None = None, profile: bool = False) -> tuple[list, dict]:
+    from model.fast import enable_fast_path
+    from model.pipeline import IdentityInput
+
+    pipe = build_pipeline(size, device)
+    rng = np.random.default_rng(1)
+    photos = [rng.integers(0, 255, size=(400, 360, 3), dtype=np.uint8) for _ in range(2)]
+    prompt = "a photo of a person in a park"
+    cases = {0: [], 1: [IdentityInput(image=photos[0])],
+             2: [IdentityInput(image=photos[0], bbox=(0.1, 0.0, 0.9, 0.5)),
+                 IdentityInput(image=photos[1], bbox=(0.1, 0.5, 0.9, 1.0))]}
+    rows: list[dict] = []
+    info: dict = {}
+
+    def image(ids):
+        return pipe(prompt, ids, num_inference_steps=steps, height=res, width=res, seed=0)
+
+    def measure(variant: str, n: int, fn) -> None:
+        stats = time_wall(fn, device, reps, warmup=2)
+        rows.append({"section": "image", "variant": variant, "res": res, "ids": n, "steps": steps, **stats.as_dict()})
+        log(f"image {variant:<24} ids={n}: {stats.median_ms:9.1f} ms")
+
+    for n in (0, 1):
+        measure("eager", n, lambda n=n: image(cases[n]))
+    eager_pt = pipe(prompt, cases[2], num_inference_steps=steps, height=res, width=res, seed=0, output_type="pt").images
+    with torch.no_grad():
+        enc = time_wall(lambda: pipe.encode_identities(cases[1]), device, reps, warmup=2)
+        latents = torch.randn(1, 4, res // 8, res // 8, device=device, dtype=pipe.vae.dtype)
+        dec = time_wall(lambda: pipe.vae.decode(latents / pipe.vae.config.scaling_factor), device, reps, warmup=2)
+    info["identity_encoding_ms_1id"] = round(enc.median_ms, 3)
+    info["vae_decode_ms"] = round(dec.median_ms, 3)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        fast = enable_fast_path(pipe, mode="cuda_graphs", buckets=[(res, res, 0), (res, res, 1), (res, res, 2)])
+        info.update(fast_path_load_s=round(fast.load_seconds, 2), fast_path_graphs=fast.runner.captures,
+                    fast_path_gate=fast.gate, fast_path_channels_last=fast.channels_last,
+                    fast_path_graphed_encoders=len(fast.graphed))
+        for n in (0, 1, 2):
+            measure("fast path", n, lambda n=n: image(cases[n]))
+        info["fast_path_peak_gib"] = round(torch.cuda.max_memory_allocated(device) / GIB, 3)
+        fast_pt = pipe(prompt, cases[2], num_inference_steps=steps, height=res, width=res, seed=0,
+                       output_type="pt").images
+        info["image_2id_fast_vs_eager_rel_err"] = round(rel_err(fast_pt, eager_pt), 5)
+        if fast.graphed:  # graph replay of the CLIP image encoder against its plain forward
+            with torch.no_grad():
+                px = torch.rand(2, 3, pipe.backbone.image_size, pipe.backbone.image_size, device=device,
+                                dtype=pipe.vae.dtype)
+                want = fast.graphed[0].original(pixel_values=px, output_hidden_states=True).hidden_states[-2]
+                got = pipe.backbone.image_encoder(pixel_values=px, output_hidden_states=True).hidden_states[-2]
+            info["graphed_image_encoder_rel_err"] = round(rel_err(got, want), 6)
+        with torch.no_grad():
+            enc = time_wall(lambda: pipe.encode_identities(cases[1]), device, reps, warmup=2)
+            dec = time_wall(lambda: pipe.vae.decode(latents / pipe.vae.config.scaling_factor), device, reps, warmup=2)
+        info["fast_identity_encoding_ms_1id"] = round(enc.median_ms, 3)
+        info["fast_vae_decode_ms"] = round(dec.median_ms, 3)
+        info["fast_identity_encoding_breakdown_ms"] = encoding_breakdown(pipe, cases[1][0], device, reps)
+        with torch.no_grad():
+            info["fast_identity_encoding_ms_2id"] = round(
+                time_wall(lambda: pipe.encode_identities(cases[2]), device, reps, warmup=1).median_ms, 3)
+        if out is not None:
+            profile_call(lambda: image(cases[2]), Path(out) / "profile_fast_image_2id.txt")
+        if out is not None and profile:
+            for n in (0, 1):
+                info[f"gpu_profile_fast_{n}id"] = profile_gpu(lambda n=n: image(cases[n]),
+                                                              Path(out) / f"profile_gpu_fast_image_{n}id.txt")
+        fast.disable()
+    else:
+        fast = enable_fast_path(pipe, mode="eager", buckets=[])
+        for n in (0, 1, 2):
+            measure("fast path", n, lambda n=n: image(cases[n]))
+        fast.disable()
+    del pipe
+    free(device)
+    return rows, info

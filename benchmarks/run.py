@@ -1,0 +1,320 @@
+"""Run the identity-injection benchmark: ``python -m benchmarks.run --out DIR`` (see docs/benchmarks.md).
+
+Sections (all in one run, on one GPU): ``step`` (UNet step time + peak memory, with the fast
+path's correctness checks), ``image`` (whole-image latency), ``train`` (stage-1 images/s and
+peak memory), ``serve`` (a running server, if given). Prints one table last and writes
+``DIR/benchmark.json`` (rewritten after every section, so a cut-off run keeps what it measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+TARGETS = {
+    "step_ratio_max": 1.05,
+    "release_speedup_768_min": 2.5,
+    "step_memory_ratio_max": 1.05,
+    "image_ratio_max": 1.10,
+    "train_speed_ratio_min": 1.6,
+    "train_memory_ratio_max": 0.25,
+}
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="benchmarks/results", help="directory for benchmark.json and table.txt")
+    p.add_argument("--size", choices=("sd15", "smoke"), default="sd15", help="smoke: toy widths, for a CPU dry run")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--sections", default="step,image,train,serve")
+    p.add_argument("--res", type=_ints, default=[512, 768], help="step resolutions (px)")
+    p.add_argument("--ids", type=_ints, default=[1, 2, 4], help="identity counts for the SAA step")
+    p.add_argument("--reps", type=int, default=60, help="timed graph replays per step variant")
+    p.add_argument("--warmup", type=int, default=10, help="untimed replays before timing")
+    p.add_argument("--image-reps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=30, help="denoising steps per whole image")
+    p.add_argument("--image-res", type=int, default=512)
+    p.add_argument("--train-batch", type=int, default=8)
+    p.add_argument("--train-steps", type=int, default=8)
+    p.add_argument("--train-warmup", type=int, default=3)
+    p.add_argument("--train-profile", action="store_true", help="write torch.profiler tables of the training steps")
+    p.add_argument("--image-profile", action="store_true", help="write torch.profiler tables of whole images")
+    p.add_argument("--no-ablations", action="store_true", help="skip the eager-gate step variant")
+    p.add_argument("--no-checks", action="store_true")
+    p.add_argument("--compile-probe", action="store_true", help="also time a torch.compile'd UNet (slow to build)")
+    p.add_argument("--server-url", default=None)
+    p.add_argument("--server-payload", default=None)
+    p.add_argument("--server-requests", type=int, default=20)
+    p.add_argument("--server-concurrency", type=int, default=2)
+    return p.parse_args(argv)
+
+
+def environment(device: torch.device, argv: list[str]) -> dict:
+    import diffusers
+    import transformers
+
+    env = {
+        "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__, "cuda": torch.version.cuda, "device": str(device),
+        "command": "python -m benchmarks.run " + " ".join(argv),
+    }
+    if device.type == "cuda":
+        prop = torch.cuda.get_device_properties(device)
+        env.update(gpu=prop.name, gpu_memory_gib=round(prop.total_memory / (1 << 30), 1),
+                   sm_count=prop.multi_processor_count, cudnn=torch.backends.cudnn.version())
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return env
+
+
+# --------------------------------------------------------------------------- targets
+
+
+def _median(rows: list[dict], section: str, variant: str, res, ids: int, key: str = "median_ms"):
+    for r in rows:
+        if r.get("section") == section and r.get("variant") == variant and r.get("res") == res and r.get("ids") == ids:
+            return r.get(key)
+    return None
+
+
+def _base(rows: list[dict], res: int, key: str, cl: bool) -> float | None:
+    """Mean of the two base measurements (start and end of the resolution) in one weight layout."""
+    names = ("base [cl]", "base [cl] (again)") if cl else ("base", "base (again)")
+    vals = [v for v in (_median(rows, "step", n, res, 0, key) for n in names) if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _base_for(rows: list[dict], row: dict, key: str) -> float | None:
+    if row.get("section") == "step_eager":
+        return _median(rows, "step_eager", "base", row["res"], 0, key)
+    return _base(rows, row["res"], key, "[cl]" in row["variant"])
+
+
+def evaluate(results: dict) -> list[dict]:
+    """Every target with its measured value, limit and verdict (None where not measured)."""
+    rows = results.get("rows", [])
+    out = []
+
+    def add(name: str, value, limit, ok, note: str = "") -> None:
+        out.append({"target": name, "measured": None if value is None else round(value, 4), "limit": limit,
+                    "met": None if value is None else bool(ok), "note": note})
+
+    def ratio(a, b):
+        return a / b if a and b else None
+
+    for res in sorted({r["res"] for r in rows if r.get("section") == "step"}):
+        for n in results.get("ids", []):
+            r = ratio(_median(rows, "step", "saa fast [cl]", res, n), _base(rows, res, "median_ms", True))
+            add(f"step {res}px {n} id: SAA / base [fast path, cl]", r, f"<= {TARGETS['step_ratio_max']}",
+                r is not None and r <= TARGETS["step_ratio_max"])
+        for n in results.get("ids", []):
+            r = ratio(_median(rows, "step", "saa fast", res, n), _base(rows, res, "median_ms", False))
+            add(f"step {res}px {n} id: SAA / base [contiguous]", r, f"<= {TARGETS['step_ratio_max']}",
+                r is not None and r <= TARGETS["step_ratio_max"])
+        for n in results.get("ids", []):
+            m = ratio(_median(rows, "step", "saa fast [cl]", res, n, "peak_gib"), _base(rows, res, "peak_gib", True))
+            add(f"step {res}px {n} id: peak memory SAA / base", m, f"<= {TARGETS['step_memory_ratio_max']}",
+                m is not None and m <= TARGETS["step_memory_ratio_max"])
+        if res == 768:
+            for n in (1, 2):
+                r = ratio(_median(rows, "step", "release design", res, n), _median(rows, "step", "saa fast", res, n))
+                add(f"step 768px {n} id: release design / SAA [contiguous]", r,
+                    f">= {TARGETS['release_speedup_768_min']}", r is not None and r >= TARGETS["release_speedup_768_min"])
+                r = ratio(_median(rows, "step", "release design", res, n),
+                          _median(rows, "step", "saa fast [cl]", res, n))
+                add(f"step 768px {n} id: release design / SAA [fast path, cl]", r,
+                    f">= {TARGETS['release_speedup_768_min']}", r is not None and r >= TARGETS["release_speedup_768_min"])
+                m = ratio(_median(rows, "step", "release design", res, n, "peak_gib"),
+                          _median(rows, "step", "saa fast [cl]", res, n, "peak_gib"))
+                add(f"step 768px {n} id: release design / SAA peak memory (info)", m, "-", True)
+    img_res = results.get("image_res")
+    r = ratio(_median(rows, "image", "fast path", img_res, 1), _median(rows, "image", "fast path", img_res, 0))
+    add(f"whole image {img_res}px 1 id: fast / base (both fast path)", r, f"<= {TARGETS['image_ratio_max']}",
+        r is not None and r <= TARGETS["image_ratio_max"])
+    train = {r["variant"]: r for r in rows if r.get("section") == "train"}
+    pairs = (("project SAA", "release design", "same bf16 recipe"),
+             ("project SAA", "release design (autocast)", "release in autocast"),
+             ("project SAA, frozen features cached", "release design, frozen features cached",
+              "frozen features cached"))
+    for mine, theirs, label in pairs:
+        p, rel = train.get(mine), train.get(theirs)
+        if not (p and rel):
+            continue
+        r = p["images_per_s"] / rel["images_per_s"]
+        add(f"stage-1 ({label}): project / release images/s", r, f">= {TARGETS['train_speed_ratio_min']}",
+            r >= TARGETS["train_speed_ratio_min"])
+        if p.get("peak_gib") and rel.get("peak_gib"):
+            m = p["peak_gib"] / rel["peak_gib"]
+            add(f"stage-1 ({label}): project / release peak memory", m, f"<= {TARGETS['train_memory_ratio_max']}",
+                m <= TARGETS["train_memory_ratio_max"])
+    for name, check in results.get("checks", {}).items():
+        add(f"check {name}: max rel err", check.get("max_rel_err"), f"< {check.get('tolerance')}",
+            check.get("passed"))
+    return out
+
+
+# --------------------------------------------------------------------------- table
+
+
+def table(results: dict) -> str:
+    rows = results.get("rows", [])
+    lines = []
+    env = results.get("env", {})
+    lines.append(f"# {env.get('gpu', env.get('device'))} | torch {env.get('torch')} | diffusers {env.get('diffusers')}"
+                 f" | transformers {env.get('transformers')} | {env.get('date_utc')}")
+    lines.append(f"{'section':<10} {'variant':<46} {'res':>4} {'ids':>3} {'median ms':>10} {'x base':>7} "
+                 f"{'peak GiB':>9} {'x base':>7}")
+    for r in rows:
+        sec = r.get("section")
+        if sec in ("step", "step_eager"):
+            base_ms, base_mem = _base_for(rows, r, "median_ms"), _base_for(rows, r, "peak_gib")
+            x = f"{r['median_ms'] / base_ms:7.3f}" if base_ms else f"{'':>7}"
+            pk = r.get("peak_gib")
+            xm = f"{pk / base_mem:7.3f}" if pk and base_mem else f"{'':>7}"
+            pks = f"{pk:9.3f}" if pk else f"{'':>9}"
+            lines.append(f"{sec:<10} {r['variant']:<46} {r['res']:>4} {r['ids']:>3} {r['median_ms']:>10.3f} {x} {pks} {xm}")
+        elif sec == "image":
+            base = _median(rows, "image", r["variant"], r["res"], 0)
+            x = f"{r['median_ms'] / base:7.3f}" if base else f"{'':>7}"
+            lines.append(f"{sec:<10} {r['variant'] + ', ' + str(r['steps']) + ' steps':<46} {r['res']:>4} "
+                         f"{r['ids']:>3} {r['median_ms']:>10.1f} {x}")
+        elif sec == "train":
+            ref = "release design" + (", frozen features cached" if "cached" in r["variant"] else "")
+            rel = next((x for x in rows if x.get("section") == "train" and x["variant"] == ref), None)
+            xs = f"{r['images_per_s'] / rel['images_per_s']:7.3f}" if rel else f"{'':>7}"
+            xm = f"{r['peak_gib'] / rel['peak_gib']:7.3f}" if rel and r.get("peak_gib") else f"{'':>7}"
+            lines.append(f"{sec:<10} {r['variant'] + ' (' + str(r['images_per_s']) + ' img/s)':<46} {r['res']:>4} "
+                         f"{'':>3} {r['step_ms']:>10.1f} {xs} {str(r.get('peak_gib')):>9} {xm}")
+    serve = results.get("serve")
+    if serve:
+        lines.append(f"serve      {serve.get('status')}: {serve.get('reason') or serve}")
+    for key in ("image_info", "train_info"):
+        if results.get(key):
+            lines.append(f"{key}: {results[key]}")
+    lines.append("")
+    lines.append(f"{'target':<58} {'measured':>9} {'limit':>8}  met")
+    for t in evaluate(results):
+        met = {True: "yes", False: "NO", None: "n/a"}[t["met"]]
+        val = "" if t["measured"] is None else f"{t['measured']:.4f}"
+        lines.append(f"{t['target']:<58} {val:>9} {t['limit']:>8}  {met}")
+    for name, err in results.get("errors", {}).items():
+        lines.append(f"ERROR in {name}: {err.strip().splitlines()[-1] if err else ''}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+    sections = set(args.sections.split(","))
+    t_start = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    results: dict = {"env": environment(device, argv), "ids": args.ids, "image_res": args.image_res,
+                     "targets": TARGETS, "rows": [], "checks": {}, "errors": {}}
+
+    def save() -> None:
+        results["evaluation"] = evaluate(results)
+        results["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+        (out / "benchmark.json").write_text(json.dumps(results, indent=2, default=str))
+
+    def section(name: str, fn) -> None:
+        try:
+            fn()
+        except Exception:  # a failed section is reported; the others still run
+            results["errors"][name] = traceback.format_exc()
+            log(f"section {name} FAILED:\n{results['errors'][name]}")
+        save()
+
+    log(f"environment: {results['env']}")
+    if "step" in sections:
+        from benchmarks.step_bench import StepBench
+
+        rank = 128 if args.size == "sd15" else 4
+        bench = StepBench(args.size, device, args.reps, args.warmup, rank, log)
+
+        def step() -> None:
+            try:
+                bench.run(args.res, args.ids, do_checks=not args.no_checks, ablations=not args.no_ablations)
+            finally:
+                results["rows"].extend(bench.rows)
+                results["checks"].update(bench.checks)
+                bench.rows.clear()
+
+        section("step", step)
+        del bench
+    if "image" in sections:
+        from benchmarks.image_bench import run_images
+
+        def image() -> None:
+            rows, info = run_images(args.size, device, args.image_reps, args.steps, args.image_res, log, out,
+                                    profile=args.image_profile)
+            results["rows"].extend(rows)
+            results["image_info"] = info
+        section("image", image)
+    if "train" in sections:
+        from benchmarks.train_bench import run_training
+
+        def train() -> None:
+            rows, info = run_training(args.size, device, args.train_batch, 512 if args.size == "sd15" else 64,
+                                      args.train_steps, args.train_warmup, log,
+                                      profile_dir=out if args.train_profile else None)
+            results["rows"].extend(rows)
+            results["train_info"] = info
+        section("train", train)
+    if "serve" in sections:
+        from benchmarks.serve_bench import run_serving
+
+        def serve() -> None:
+            results["serve"] = run_serving(args.server_url, args.server_payload, args.server_requests,
+                                           args.server_concurrency)
+        section("serve", serve)
+    if args.compile_probe and device.type == "cuda":  # last: building it takes minutes
+        from benchmarks.step_bench import StepBench
+
+        def probe() -> None:
+            bench = StepBench(args.size, device, args.reps, args.warmup, 128 if args.size == "sd15" else 4, log)
+            try:
+                bench.compile_probe(args.res[0])
+            finally:
+                results["rows"].extend(bench.rows)
+        section("compile_probe", probe)
+    save()
+    text = table(results)
+    (out / "table.txt").write_text(text + "\n")
+    print("\n" + text, flush=True)
+    return 1 if results["errors"] else 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    sys.exit(main())
