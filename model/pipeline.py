@@ -364,7 +364,9 @@ class DynamicIDPipeline(DiffusionPipeline):
                 num_ids=n, num_tokens=self.dims.num_tokens, regions=regions.repeat(reps, 1, 1).to(device),
                 latent_hw=(lh, lw), id_scale=id_scale_arg, gating=saa.gating, tau=saa.tau, boost=saa.boost,
             )
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        # Timesteps stay on the host: diffusers' schedulers index with them every step, and a
+        # device tensor would force a host-GPU sync per step (measured: docs/benchmarks.md).
+        self.scheduler.set_timesteps(num_inference_steps, device="cpu")
         latents = latents * self.scheduler.init_noise_sigma
         g_dev = g.to(device=device, dtype=unet_dtype).view(-1, 1, 1, 1)
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):

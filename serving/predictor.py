@@ -74,6 +74,12 @@ class DynamicIDModel(Model):
             self.checkpoint = resolve_model_dir(self.params, self.model_uri)
             pipe = pipeline_from_params(self.params, self.checkpoint)
             pipe.set_progress(False)
+            if self.serve.fast_path != "off":
+                from model.fast import enable_fast_path
+
+                res = self.limits.resolution
+                enable_fast_path(pipe, mode=self.serve.fast_path,
+                                 buckets=[(res, res, n) for n in range(min(2, self.params.model.max_ids) + 1)])
             engine = Engine(pipe, self.metrics)
             loaded = time.perf_counter() - t
             warm = 0.0
