@@ -1,0 +1,172 @@
+"""The one training loop: a DeepSpeed engine around a Task, resumable step for step.
+
+Step numbers are optimizer steps, 1-based in logs and checkpoints (``step-000050`` holds the
+state after 50 updates). The data order and all randomness are functions of (seed, step)
+(see ``data``), and the DeepSpeed checkpoint restores weights, optimizer moments and the
+scheduler, so a run resumed at step s reproduces the uninterrupted run from step s on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+import torch
+
+from components.cli import UserError
+from components.train.checkpoints import DS_TAG, CheckpointStore
+from components.train.data import SlotBatches, collate, to_device
+from components.train.deepspeed_config import deepspeed_config
+from components.train.distributed import DistInfo
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from components.config import Params
+    from components.config.train import StageParams
+    from components.train.tasks import Task
+    from components.train.track import StageTracker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FitSpec:
+    """What one run of the loop trains and where its checkpoints go."""
+
+    stage: "StageParams"
+    steps: int
+    lr: float
+    store: CheckpointStore
+    export: Callable[[Path], None]          # writes the trainable parts' export into a directory (rank 0)
+    table: str = "loss.tsv"                 # per-step rows in <output>/<table>
+    columns: tuple[str, ...] = ("loss", "lr", "samples_per_s")
+    prefix: str = ""                        # MLflow metric prefix (the base stage's VAE phase: "vae/")
+    sample: Callable[[int], "Image.Image | None"] | None = None
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FitResult:
+    start: int                               # step the run (re)started from
+    step: int                                # last completed step
+    finished: bool                           # reached spec.steps (not stopped by --max-steps)
+    losses: list[float]                      # mean loss of every step run now (all ranks averaged)
+    samples_per_s: float
+    wall_s: float
+    engine: Any = None
+
+
+def global_batch(stage: "StageParams", world: int) -> int:
+    return stage.micro_batch * stage.grad_accum * world
+
+
+@contextlib.contextmanager
+def gathered(engine) -> Iterator[None]:
+    """Full parameters on every rank while exporting (only ZeRO-3 partitions them)."""
+    if engine is not None and engine.zero_optimization_partition_weights():
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+            yield
+    else:
+        yield
+
+
+def _check_resume(state: dict[str, Any], want: dict[str, Any], where: Path) -> None:
+    """The data order and the schedule are functions of these: a resume with other values would not continue
+    the same run."""
+    bad = [f"{k}: checkpoint {state.get(k)}, now {v}" for k, v in want.items() if state.get(k) != v]
+    if bad:
+        raise UserError(f"cannot resume from {where}: " + "; ".join(bad) + " (resume with the same steps, lr, "
+                        "micro_batch, grad_accum, seed and number of processes, or start fresh without --resume)")
+
+
+def fit(task: "Task", dataset, spec: FitSpec, *, params: "Params", dist: DistInfo, resume: bool,
+        max_steps: int | None, tracker: "StageTracker") -> FitResult:
+    import deepspeed
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    train = params.train
+    cfg = deepspeed_config(train, spec.stage, device_type=dist.device.type, lr=spec.lr, steps=spec.steps)
+    engine, _, _, scheduler = deepspeed.initialize(model=task, model_parameters=task.trainable_parameters(),
+                                                   config=cfg, dist_init_required=False)
+    start = 0
+    identity = {"steps": spec.steps, "lr": spec.lr, "seed": train.seed, "world_size": dist.world_size,
+                "global_batch": global_batch(spec.stage, dist.world_size)}
+    ref = spec.store.latest() if resume else None
+    if ref is not None:
+        _check_resume(ref.state(), identity, ref.path)
+        path, _ = engine.load_checkpoint(str(ref.deepspeed_dir), tag=DS_TAG, load_module_strict=False)
+        if path is None:
+            raise UserError(f"DeepSpeed could not load {ref.deepspeed_dir}")
+        start = ref.step
+        if engine.global_steps != start:
+            raise UserError(f"{ref.path}: DeepSpeed state is at step {engine.global_steps}, state.json says {start}")
+        log.info("resumed %s at step %d from %s", task.name, start, ref.path)
+    else:
+        # DeepSpeed's WarmupCosineLR gives 0 before its first step(); advance it once so that
+        # optimizer step s uses the schedule's value s (the checkpoint keeps this alignment).
+        scheduler.step()
+        if dist.is_main:
+            spec.store.clear()
+        dist.barrier()
+    stop = spec.steps if max_steps is None else max(start, min(spec.steps, max_steps))
+    mb, accum = spec.stage.micro_batch, spec.stage.grad_accum
+    sampler = SlotBatches(start, stop, rank=dist.rank, world=dist.world_size, micro_batch=mb, accum=accum)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=train.num_workers,
+                        pin_memory=dist.device.type == "cuda")
+    tracker.loss_table(spec.table, list(spec.columns), start)
+    state = {**spec.state, **identity, "mlflow_run_id": tracker.run_id}
+    n_global = global_batch(spec.stage, dist.world_size)
+    losses: list[float] = []
+    busy = 0.0
+    t_start = time.perf_counter()
+    bar = tqdm(total=stop, initial=start, desc=f"train {task.name}", disable=not dist.is_main, dynamic_ncols=True,
+               mininterval=1.0)
+    batches = iter(loader)
+    for step in range(start, stop):
+        t0 = time.perf_counter()
+        lr = float(engine.get_lr()[0])
+        sums: dict[str, torch.Tensor] = {}
+        for _ in range(accum):
+            batch = to_device(next(batches), dist.device)
+            loss, parts = engine(batch)
+            engine.backward(loss)
+            engine.step()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v.float()
+        keys = sorted(sums)
+        values = torch.stack([sums[k] for k in keys]) / accum
+        if dist.world_size > 1:
+            torch.distributed.all_reduce(values)
+            values = values / dist.world_size
+        dt = time.perf_counter() - t0
+        busy += dt
+        done = step + 1
+        record = {k: float(v) for k, v in zip(keys, values.cpu())}
+        record.update(lr=lr, samples_per_s=n_global / dt)
+        losses.append(record["loss"])
+        tracker.log_step(done, record, spec.table, spec.prefix)
+        if done % train.log_every == 0:
+            tracker.flush()
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
+        if done % train.checkpoint_every == 0 or done == stop:
+            with gathered(engine):
+                spec.store.save(engine, done, state, spec.export, dist)
+        if dist.is_main and spec.sample is not None and done % train.sample_every == 0:
+            image = spec.sample(done)
+            if image is not None:
+                tracker.log_image(image, f"{spec.prefix.strip('/') or task.name}_step{done:06d}.png")
+    bar.close()
+    tracker.flush()
+    ran = stop - start
+    return FitResult(start=start, step=stop, finished=stop == spec.steps, losses=losses,
+                     samples_per_s=(n_global * ran / busy) if busy > 0 else 0.0,
+                     wall_s=time.perf_counter() - t_start, engine=engine)

@@ -1,0 +1,396 @@
+"""Training building blocks in one process, without DeepSpeed: the DeepSpeed config, the slot
+data order, held-out split, CFG drops, stage-2 pairs, the two stage objectives (what learns, which
+encoders run, per-sample randomness) and atomic checkpoints."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from components.config import ParamsError, params_from_dict
+from components.config.train import StageParams, TrainParams
+from components.train.checkpoints import CheckpointStore
+from components.train.data import (
+    AnchorSamples,
+    MotionPairs,
+    SlotBatches,
+    SlotOrder,
+    batch_slots,
+    collate,
+    holdout_split,
+)
+from components.train.deepspeed_config import deepspeed_config
+from components.train.distributed import DistInfo
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    from components.train.testbed import write_testbed
+
+    root = tmp_path_factory.mktemp("prepared")
+    write_testbed(root, identities=4, images_per_identity=5, test_identities=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(prepared):
+    from components.shards import PreparedData
+
+    return PreparedData(prepared)
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_deepspeed_config_comes_from_params_in_one_place():
+    train = TrainParams(zero_stage=2, precision="bf16", weight_decay=0.03, betas=(0.8, 0.95), grad_clip=0.5,
+                        warmup_min_ratio=0.1, min_lr_ratio=0.2)
+    stage = StageParams(steps=120, lr=3e-4, micro_batch=6, grad_accum=3, warmup_steps=7)
+    cfg = deepspeed_config(train, stage, device_type="cpu")
+    assert cfg["train_micro_batch_size_per_gpu"] == 6 and cfg["gradient_accumulation_steps"] == 3
+    assert "train_batch_size" not in cfg  # derived by DeepSpeed for any world size
+    assert cfg["gradient_clipping"] == 0.5 and cfg["zero_optimization"] == {"stage": 2}
+    assert cfg["bf16"]["enabled"] is True and cfg["fp16"]["enabled"] is False
+    opt = cfg["optimizer"]
+    assert opt["type"] == "AdamW"
+    assert opt["params"] == {"lr": 3e-4, "betas": [0.8, 0.95], "eps": 1e-8, "weight_decay": 0.03, "torch_adam": True}
+    sched = cfg["scheduler"]
+    assert sched["type"] == "WarmupCosineLR"
+    assert sched["params"] == {"total_num_steps": 120, "warmup_num_steps": 7, "warmup_min_ratio": 0.1,
+                               "cos_min_ratio": 0.2, "warmup_type": "linear"}
+    gpu = deepspeed_config(train, stage, device_type="cuda", lr=1e-3, steps=40)
+    assert gpu["optimizer"]["params"]["torch_adam"] is False  # FusedAdam on GPU
+    assert gpu["optimizer"]["params"]["lr"] == 1e-3 and gpu["scheduler"]["params"]["total_num_steps"] == 40
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):
+        deepspeed_config(TrainParams(precision="fp16"), stage, device_type="cpu")
+
+
+def test_drop_rates_must_fit_in_one():
+    with pytest.raises(ParamsError, match=r"train.*drop_text \+ drop_id \+ drop_both must be <= 1"):
+        params_from_dict({"train": {"drop_text": 0.5, "drop_id": 0.4, "drop_both": 0.2}})
+    with pytest.raises(ParamsError, match=r"train\.anchor\.stepz: unknown key"):
+        params_from_dict({"train": {"anchor": {"stepz": 3}}})
+
+
+# --------------------------------------------------------------------------- data order
+
+
+def test_slots_cover_every_sample_once_across_ranks_and_resume_is_a_suffix():
+    world, mb, accum, steps = 3, 2, 2, 5
+    seen = []
+    for rank in range(world):
+        for batch in SlotBatches(0, steps, rank=rank, world=world, micro_batch=mb, accum=accum):
+            seen += batch
+    assert sorted(seen) == list(range(steps * accum * world * mb))  # a partition: no overlap, no gap
+    full = list(SlotBatches(0, steps, rank=1, world=world, micro_batch=mb, accum=accum))
+    resumed = list(SlotBatches(3, steps, rank=1, world=world, micro_batch=mb, accum=accum))
+    assert resumed == full[3 * accum:]
+    assert batch_slots(2, 1, rank=0, world=world, micro_batch=mb, accum=accum)[0] == ((2 * accum + 1) * world) * mb
+
+
+def test_slot_order_is_a_fresh_permutation_each_epoch_and_seeded():
+    order = SlotOrder(7, seed=3)
+    epochs = [[order(e * 7 + i)[1] for i in range(7)] for e in range(3)]
+    assert all(sorted(e) == list(range(7)) for e in epochs)
+    assert epochs[0] != epochs[1] or epochs[1] != epochs[2]
+    again = SlotOrder(7, seed=3)
+    assert [again(i)[1] for i in range(21)] == [u for e in epochs for u in e]
+    other = SlotOrder(7, seed=4)
+    assert [other(i)[1] for i in range(21)] != [u for e in epochs for u in e]
+
+
+def test_holdout_split_is_deterministic_per_identity_and_keeps_two_for_training(data):
+    split = holdout_split(data, per_identity=2)
+    ids = Counter(data.index[p]["identity"] for p in split.heldout)
+    assert set(ids.values()) == {2} and len(ids) == 3  # train identities only (one identity is "test")
+    assert not set(split.train) & set(split.heldout)
+    assert all(data.index[p]["split"] == "train" for p in split.train + split.heldout)
+    for ident, count in ids.items():  # the held-out images are the ones with the smallest keys
+        keys = sorted(r["key"] for r in data.index if r["identity"] == ident)
+        assert sorted(data.index[p]["key"] for p in split.heldout if data.index[p]["identity"] == ident) == keys[:2]
+    too_many = holdout_split(data, per_identity=4)  # 5 images: holding out 4 would leave 1
+    assert too_many.heldout == [] and len(too_many.train) == 15
+
+
+def test_cfg_drops_have_their_probabilities_and_depend_only_on_the_slot(prepared, data):
+    split = holdout_split(data, per_identity=0)
+    ds = AnchorSamples(prepared, split.train, seed=0, resolution=64, drop_text=0.2, drop_id=0.15, drop_both=0.25)
+    n = 1200
+    cases = Counter((bool(ds[s]["drop_text"]), bool(ds[s]["drop_id"])) for s in range(n))
+    expected = {(True, False): 0.2, (False, True): 0.15, (True, True): 0.25, (False, False): 0.4}
+    for case, p in expected.items():
+        sd = (n * p * (1 - p)) ** 0.5
+        assert abs(cases[case] - n * p) < 4 * sd, (case, cases[case], n * p)
+    again = AnchorSamples(prepared, split.train, seed=0, resolution=64, drop_text=0.2, drop_id=0.15, drop_both=0.25)
+    a, b = ds[17], again[17]
+    assert (a["drop_text"], a["drop_id"], a["caption"]) == (b["drop_text"], b["drop_id"], b["caption"])
+    assert torch.equal(a["pixels"], b["pixels"]) and a["pixels"].shape == (3, 64, 64)
+
+
+def test_motion_pairs_are_one_person_in_other_motions(prepared, data):
+    split = holdout_split(data, per_identity=1)
+    prompts = {p: data.index[p]["face_prompt"] for p in split.train}
+    idents = {p: data.index[p]["identity"] for p in split.train}
+    ds = MotionPairs(prepared, split.train, seed=0, resolution=64, landmark_size=48, targets=2, prompts=prompts,
+                     identities=idents)
+    assert len(ds.units) == 3  # train identities with >= 2 training images
+    for slot in range(12):
+        group = ds.units[ds.order(slot)[1]]
+        source, targets = ds.pick(group, __import__("numpy").random.default_rng([0, 2, slot]))
+        assert source in group and all(t in group and t != source for t in targets)
+        assert all(prompts[t] != prompts[source] for t in targets)
+    item = ds[5]
+    assert item["tgt_crop"].shape[0] == 2 and item["tgt_landmarks"].shape == (2, 1, 48, 48)
+    assert item["src_landmarks"].max() > 0.5 and len(item["tgt_prompt"]) == 2  # dots survive the resize
+    batch = collate([ds[0], ds[1], ds[2]])
+    assert batch["tgt_pixels"].shape == (3, 2, 3, 64, 64) and len(batch["tgt_prompt"]) == 3
+
+
+# --------------------------------------------------------------------------- objectives
+
+
+@pytest.fixture()
+def backbone(tiny_params):
+    """A fresh frozen tiny backbone per test (SAA installs into its UNet)."""
+    from model.loading import load_backbone_for
+
+    return load_backbone_for(tiny_params.model, tiny_params.storage.cache_dir)
+
+
+def _dyn(backbone, tiny_params, seed=0):
+    from model.dynamicid import build_dynamicid
+
+    torch.manual_seed(seed)
+    return build_dynamicid(backbone, tiny_params.model, "dlib")
+
+
+class _Calls:
+    """Counts forward calls of modules (and whether their output carried a gradient graph)."""
+
+    def __init__(self, **modules):
+        self.count = Counter()
+        self.grad: dict[str, list[bool]] = {k: [] for k in modules}
+        self.handles = [m.register_forward_hook(self._hook(k)) for k, m in modules.items()]
+
+    def _hook(self, key):
+        def hook(_m, _inp, out):
+            self.count[key] += 1
+            t = out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
+            t = getattr(t, "last_hidden_state", t)
+            self.grad[key].append(bool(getattr(t, "requires_grad", False)))
+        return hook
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _anchor_batch(prepared, data, slots, **drops):
+    split = holdout_split(data, per_identity=0)
+    ds = AnchorSamples(prepared, split.train, seed=0, resolution=64, drop_text=0.0, drop_id=0.0, drop_both=0.0)
+    batch = collate([ds[s] for s in slots])
+    for k, v in drops.items():
+        batch[k] = torch.tensor(v)
+    return batch
+
+
+def test_anchor_objective_trains_only_face_encoder_and_saa(backbone, tiny_params, prepared, data):
+    from components.train.tasks import AnchorTask
+    from model.dynamicid import clip_image_features, tokenize
+
+    dyn = _dyn(backbone, tiny_params)
+    task = AnchorTask(backbone, dyn, tiny_params.model, seed=0)
+    batch = _anchor_batch(prepared, data, [0, 1, 2], drop_text=[False, True, True], drop_id=[False, False, True])
+    calls = _Calls(vae=backbone.vae.encoder, text=backbone.text_encoder, clip=backbone.image_encoder,
+                   face=dyn.face_encoder, unet=backbone.unet)
+    seen = {}
+    hooks = [dyn.face_encoder.register_forward_hook(lambda m, i, o: seen.update(tokens=o.detach())),
+             backbone.text_encoder.register_forward_hook(lambda m, a, kw, o: seen.update(ids=kw["input_ids"]),
+                                                         with_kwargs=True)]
+    try:
+        loss, parts = task(batch)
+    finally:
+        calls.close()
+        for h in hooks:
+            h.remove()
+    # every encoder exactly once for the whole batch (dropped rows included)
+    assert dict(calls.count) == {"vae": 1, "text": 1, "clip": 1, "face": 1, "unet": 1}
+    loss.backward()
+    trainable = {n for n, p in task.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("dyn.face_encoder.", "dyn.saa.")) for n in trainable)
+    assert any(n.startswith("dyn.saa.") and "to_k_id" in n for n in trainable)
+    assert all(p.grad is not None for n, p in task.named_parameters() if n in trainable)
+    assert all(p.grad is None for p in dyn.imr.parameters()) and all(p.grad is None for p in dyn.keypoint_encoder.parameters())
+    assert all(not p.requires_grad and p.grad is None for n, p in backbone.unet.named_parameters()
+               if ".processor." not in n)
+    assert float(parts["loss"]) == pytest.approx(float(loss.detach()))
+    # the ID-dropped row got the unconditional tokens (zero embedding + CLIP of a black crop)
+    with torch.no_grad():
+        black = clip_image_features(backbone, torch.zeros(1, 3, 64, 64))
+        uncond = dyn.face_encoder.unconditional_tokens(black)[0]
+    assert torch.allclose(seen["tokens"][2], uncond, atol=1e-5)
+    assert not torch.allclose(seen["tokens"][1], uncond, atol=1e-3)
+    # the text-dropped rows got the empty prompt
+    empty = tokenize(backbone, [""])[0]
+    assert torch.equal(seen["ids"][1], empty) and torch.equal(seen["ids"][2], empty)
+    assert not torch.equal(seen["ids"][0], empty)
+
+
+def test_anchor_randomness_is_per_sample_so_batches_decompose(backbone, tiny_params, prepared, data):
+    """A batch's loss is the mean of its samples' losses computed alone: what a sample gets
+    (noise, timestep, latent draw) depends on its slot only, so any process count / micro-batch
+    split of one global batch trains on the same thing."""
+    from components.train.tasks import AnchorTask
+
+    task = AnchorTask(backbone, _dyn(backbone, tiny_params), tiny_params.model, seed=5)
+    with torch.no_grad():
+        both, _ = task(_anchor_batch(prepared, data, [3, 8], drop_text=[False, False], drop_id=[False, False]))
+        one, _ = task(_anchor_batch(prepared, data, [3], drop_text=[False], drop_id=[False]))
+        two, _ = task(_anchor_batch(prepared, data, [8], drop_text=[False], drop_id=[False]))
+        other_seed = AnchorTask(backbone, task.dyn, tiny_params.model, seed=6)
+        moved, _ = other_seed(_anchor_batch(prepared, data, [3, 8], drop_text=[False, False], drop_id=[False, False]))
+    assert float(both) == pytest.approx((float(one) + float(two)) / 2, rel=1e-5)
+    assert float(moved) != pytest.approx(float(both), rel=1e-4)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(backbone, tiny_params, prepared, data):
+    from components.train.tasks import AnchorTask
+
+    task = AnchorTask(backbone, _dyn(backbone, tiny_params), tiny_params.model, seed=0)
+    batch = _anchor_batch(prepared, data, [1, 2], drop_text=[False, False], drop_id=[False, False])
+
+    def grads():
+        task.zero_grad(set_to_none=True)
+        loss, _ = task(batch)
+        loss.backward()
+        return float(loss.detach()), {n: p.grad.clone() for n, p in task.named_parameters() if p.requires_grad}
+
+    plain_loss, plain = grads()
+    backbone.unet.enable_gradient_checkpointing()
+    ckpt_loss, ckpt = grads()
+    assert backbone.unet.is_gradient_checkpointing
+    assert ckpt_loss == pytest.approx(plain_loss, rel=1e-6)
+    assert plain.keys() == ckpt.keys()
+    for n in plain:
+        assert torch.allclose(plain[n], ckpt[n], rtol=1e-4, atol=1e-7), n
+
+
+def _pairs_batch(prepared, data, slots, landmark_size):
+    split = holdout_split(data, per_identity=0)
+    ds = MotionPairs(prepared, split.train, seed=0, resolution=64, landmark_size=landmark_size, targets=2,
+                     prompts={p: data.index[p]["face_prompt"] for p in split.train},
+                     identities={p: data.index[p]["identity"] for p in split.train})
+    return collate([ds[s] for s in slots])
+
+
+@pytest.mark.parametrize("weights", [(1.0, 1.0, 0.0), (0.0, 0.0, 1.0)])
+def test_reconfigure_objective_trains_only_imr_and_keypoints(backbone, tiny_params, prepared, data, weights):
+    from components.train.tasks import ReconfigureTask
+
+    dyn = _dyn(backbone, tiny_params)
+    fw, dw, cw = weights
+    task = ReconfigureTask(backbone, dyn, tiny_params.model, seed=0, prompt="a photo of a person",
+                           feature_weight=fw, denoise_weight=dw, contrastive_weight=cw, temperature=0.1)
+    batch = _pairs_batch(prepared, data, [0, 1, 2], dyn.dims.imr["landmark_size"])
+    calls = _Calls(vae=backbone.vae.encoder, text=backbone.text_encoder, clip=backbone.image_encoder,
+                   face=dyn.face_encoder, kp=dyn.keypoint_encoder, unet=backbone.unet)
+    try:
+        loss, parts = task(batch)
+    finally:
+        calls.close()
+    expected_calls = {"text": 1, "clip": 1, "face": 1, "kp": 1}
+    if dw:
+        expected_calls.update(vae=1, unet=2)
+    assert dict(calls.count) == expected_calls
+    if dw:  # the target-token branch ran without a graph, the predicted-token branch with one
+        assert calls.grad["unet"] == [False, True]
+        assert calls.grad["face"] == [False]
+    total = sum(w * float(parts.get(k, 0.0)) for w, k in zip(weights, ("feature", "denoise", "contrastive")))
+    assert float(loss) == pytest.approx(total, rel=1e-6)
+    loss.backward()
+    trainable = {n for n, p in task.named_parameters() if p.requires_grad}
+    assert all(n.startswith(("dyn.imr.", "dyn.keypoint_encoder.")) for n in trainable)
+    assert all(p.grad is None for p in dyn.face_encoder.parameters()) and all(p.grad is None for p in dyn.saa.parameters())
+    disentangle = [p.grad for p in dyn.imr.disentangle_layers.parameters()]
+    entangle = [p.grad for p in dyn.imr.entangle_layers.parameters()]
+    assert any(g is not None and g.abs().sum() > 0 for g in disentangle)
+    if cw and not fw and not dw:  # InfoNCE acts on the erased tokens only: nothing reaches the entangle net
+        assert all(g is None for g in entangle)
+        assert float(parts["contrastive"]) > 0
+    else:
+        assert any(g is not None and g.abs().sum() > 0 for g in entangle)
+        assert "contrastive" not in parts
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+class _Engine:
+    """Writes what a DeepSpeed engine would (one file) so the store's commit protocol can be tested."""
+
+    def save_checkpoint(self, save_dir, tag, save_latest, exclude_frozen_parameters):
+        assert save_latest is False and exclude_frozen_parameters is True
+        Path(save_dir, tag).mkdir(parents=True)
+        Path(save_dir, tag, "mp_rank_00_model_states.pt").write_bytes(b"x")
+
+
+def test_checkpoint_becomes_latest_only_when_complete(tmp_path):
+    dist = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    store = CheckpointStore(tmp_path, keep=2)
+    assert store.latest() is None
+
+    def export(d: Path) -> None:
+        d.mkdir()
+        (d / "manifest.json").write_text("{}")
+
+    first = store.save(_Engine(), 2, {"stage": "anchor"}, export, dist)
+    assert store.latest() == first and (tmp_path / "latest").read_text().strip() == "step-000002"
+    assert json.loads((first.path / "state.json").read_text())["step"] == 2
+
+    def broken(d: Path) -> None:  # dies half-way through writing step 4
+        d.mkdir()
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        store.save(_Engine(), 4, {}, broken, dist)
+    assert store.latest() == first and not (tmp_path / "step-000004").exists()
+    # a pointer at something incomplete is ignored in favour of the newest complete checkpoint
+    (tmp_path / "step-000006").mkdir()
+    (tmp_path / "latest").write_text("step-000006\n")
+    assert store.latest().step == 2
+    for step in (6, 8, 10):
+        store.save(_Engine(), step, {}, export, dist)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["latest", "step-000008", "step-000010"]  # keep=2, stale temp dirs removed
+    assert store.latest().step == 10 and store.latest().export_dir.joinpath("manifest.json").exists()
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def test_cli_errors_name_the_problem_before_any_training(tmp_path, prepared, capsys):
+    from components.cli import main
+
+    base = ["-S", f"storage.cache_dir={tmp_path}", "-S", f"data.prepared={prepared}"]
+    assert main(base + ["train", "--stage", "anchor", "--nproc", "0"]) == 2
+    assert "--nproc must be >= 1" in capsys.readouterr().err
+    assert main(base + ["-S", f"train.anchor.output={tmp_path / 'none'}", "train", "--stage", "reconfigure"]) == 2
+    assert "reconfigure starts from the stage-1 export" in capsys.readouterr().err
+    assert main(["-S", f"data.prepared={tmp_path / 'missing'}", "train", "--stage", "anchor"]) == 2
+    assert "no prepared data there" in capsys.readouterr().err
+
+
+def test_sd15_profile_skips_the_base_stage(tmp_path):
+    import torch.distributed as dist
+
+    from components.cli import main
+
+    out = tmp_path / "base"
+    assert main(["-S", "model.profile=sd15", "-S", f"train.base.output={out}", "train", "--stage", "base"]) == 0
+    assert json.loads((out / "export" / "skipped.json").read_text())["skipped"] is True
+    assert (out / "metrics.json").exists() and (out / "loss.tsv").exists()
+    assert not dist.is_initialized()  # the skip never starts a process group
