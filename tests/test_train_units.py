@@ -394,3 +394,34 @@ def test_sd15_profile_skips_the_base_stage(tmp_path):
     assert json.loads((out / "export" / "skipped.json").read_text())["skipped"] is True
     assert (out / "metrics.json").exists() and (out / "loss.tsv").exists()
     assert not dist.is_initialized()  # the skip never starts a process group
+
+
+# --------------------------------------------------------------------------- learning-check bookkeeping
+
+
+def test_check_statistics_are_over_held_out_images_not_draws():
+    import numpy as np
+
+    from components.train.checks import _summary
+
+    reference = np.array([1.0, 1.2, 0.5, 0.7, 2.0, 2.0])
+    candidate = np.array([0.8, 0.8, 0.6, 0.6, 1.0, 3.5])
+    groups = np.array([7, 7, 3, 3, 9, 9])  # three images, two draws each
+    out = _summary("x", reference, candidate, groups)
+    per_image = np.array([(0.2 + 0.4) / 2, (-0.1 + 0.1) / 2, (1.0 - 1.5) / 2])  # images 7, 3, 9
+    assert out["x_gain"] == pytest.approx(per_image.mean())
+    assert out["x_gain_stderr"] == pytest.approx(per_image.std(ddof=1) / np.sqrt(3))
+    assert out["x_win_rate"] == pytest.approx(1 / 3) and out["x_images"] == 3 and out["x_pairs"] == 6
+
+
+def test_motion_pairs_ask_for_a_motion_change_of_the_same_person(data):
+    from components.train.checks import motion_pairs
+
+    split = holdout_split(data, per_identity=1)
+    pairs = motion_pairs(data, split, limit=0, sources=2)
+    assert {t for _, t in pairs} == set(split.heldout)
+    for source, target in pairs:
+        assert source in split.train and target in split.heldout
+        assert data.index[source]["identity"] == data.index[target]["identity"]
+        assert data.index[source]["face_prompt"] != data.index[target]["face_prompt"]
+    assert all(sum(1 for _, t in pairs if t == h) == 2 for h in split.heldout)

@@ -28,15 +28,23 @@ if TYPE_CHECKING:
 _CHECK_STREAM = 1 << 40
 
 
-def _summary(prefix: str, reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
-    """Paired comparison: gain = reference - candidate per item (> 0 means the candidate is better)."""
+def _summary(prefix: str, reference: np.ndarray, candidate: np.ndarray, groups: np.ndarray) -> dict[str, float]:
+    """Paired comparison, gain = reference - candidate (> 0: the candidate is better).
+
+    Comparisons that share a held-out image (several noise draws, several sources) are not
+    independent, so the gain is first averaged per held-out image and the standard error and
+    win rate are over images.
+    """
     gain = reference - candidate
-    n = len(gain)
+    ids, inverse = np.unique(groups, return_inverse=True)
+    per_image = np.bincount(inverse, weights=gain) / np.bincount(inverse)
+    n = len(ids)
     return {
-        f"{prefix}_gain": float(gain.mean()),
-        f"{prefix}_gain_stderr": float(gain.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0,
-        f"{prefix}_win_rate": float((gain > 0).mean()),
-        f"{prefix}_pairs": float(n),
+        f"{prefix}_gain": float(per_image.mean()),
+        f"{prefix}_gain_stderr": float(per_image.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0,
+        f"{prefix}_win_rate": float((per_image > 0).mean()),
+        f"{prefix}_images": float(n),
+        f"{prefix}_pairs": float(len(gain)),
     }
 
 
@@ -50,7 +58,7 @@ def id_token_check(task: "AnchorTask", data: "PreparedData", positions: list[int
     if not positions:
         return {}
     bb = task.backbone
-    with_id, zeroed = [], []
+    with_id, zeroed, groups = [], [], []
     for chunk in _chunks(positions, batch_size):
         samples = [data.sample(p) for p in chunk]
         pixels = torch.stack([image_tensor(s.pixels, resolution) for s in samples]).to(bb.vae.device)
@@ -64,14 +72,16 @@ def id_token_check(task: "AnchorTask", data: "PreparedData", positions: list[int
             noisy, t, target = noised(bb.scheduler, latents, rand)
             with_id.append(per_sample_mse(task.predict(noisy, t, text, tokens), target).cpu())
             zeroed.append(per_sample_mse(task.predict(noisy, t, text, torch.zeros_like(tokens)), target).cpu())
+            groups += chunk
     a, b = torch.cat(with_id).numpy(), torch.cat(zeroed).numpy()
     return {"heldout_loss_id": float(a.mean()), "heldout_loss_zero_id": float(b.mean()),
-            **_summary("id", b, a)}
+            **_summary("id", b, a, np.asarray(groups))}
 
 
-def motion_pairs(data: "PreparedData", split: Split, limit: int) -> list[tuple[int, int]]:
-    """(source, held-out target) pairs: the source is the identity's first training image (by key)
-    whose face prompt differs from the target's, so every pair asks for a real motion change."""
+def motion_pairs(data: "PreparedData", split: Split, limit: int, sources: int = 4) -> list[tuple[int, int]]:
+    """(source, held-out target) pairs: per target, the identity's first ``sources`` training images
+    (by key) whose face prompt differs from the target's, so every pair asks for a real motion
+    change (an identity without such images contributes its first training image)."""
     by_id: dict[str, list[int]] = {}
     for p in split.train:
         by_id.setdefault(data.index[p]["identity"], []).append(p)
@@ -82,7 +92,7 @@ def motion_pairs(data: "PreparedData", split: Split, limit: int) -> list[tuple[i
             continue
         prompt = data.index[target]["face_prompt"]
         different = [p for p in candidates if data.index[p]["face_prompt"] != prompt]
-        pairs.append(((different or candidates)[0], target))
+        pairs += [(source, target) for source in (different or candidates)[:sources]]
     return pairs
 
 
@@ -106,4 +116,6 @@ def imr_check(task: "ReconfigureTask", data: "PreparedData", pairs: list[tuple[i
         d_pred.append(per_sample_mse(pred, tgt_tok).cpu())
         d_src.append(per_sample_mse(src_tok, tgt_tok).cpu())
     p, s = torch.cat(d_pred).numpy(), torch.cat(d_src).numpy()
-    return {"heldout_dist_pred": float(p.mean()), "heldout_dist_source": float(s.mean()), **_summary("imr", s, p)}
+    targets = np.asarray([t for _, t in pairs])
+    return {"heldout_dist_pred": float(p.mean()), "heldout_dist_source": float(s.mean()),
+            **_summary("imr", s, p, targets)}

@@ -376,7 +376,11 @@ def run_dynamicid_stage(run: StageRun) -> dict[str, float]:
         except ValueError as err:
             raise UserError(f"data.prepared: {err}") from None
         pairs = motion_pairs(data, split, train.check_images)
-        shown_pairs = [pairs[i] for i in range(min(len(pairs), train.sample_count))]
+        shown_pairs: list[tuple[int, int]] = []
+        for pair in pairs:  # one pair per person in the grid
+            if all(data.index[pair[1]]["identity"] != data.index[q[1]]["identity"] for q in shown_pairs):
+                shown_pairs.append(pair)
+        shown_pairs = shown_pairs[:train.sample_count]
         sample = (lambda step: reconfigure_grid(task, data, shown_pairs, params)) if shown_pairs else None
         columns = ("loss", "feature", "denoise", "contrastive", "lr", "samples_per_s")
 
