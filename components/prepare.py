@@ -80,14 +80,15 @@ def item_settings(params: "Params", work_dir: Path) -> "ItemSettings":
         "version": PREPARE_VERSION, "backend": backend, "models": _backend_spec(params.face, backend),
         "image_size": pp.image_size or active.resolution, "crop_size": pp.crop_size or active.face_crop_size,
         "landmark_size": active.imr.landmark_size, "min_face_size": params.face.min_face_size,
-        "one_face": pp.one_face,
+        "one_face": pp.one_face, "max_pixels": pp.max_pixels,
     }
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
     face = params.face.model_copy(update={"backend": backend})
     return ItemSettings(
         face=face.model_dump(mode="json"), profile=params.model.profile, image_size=spec["image_size"],
         crop_size=spec["crop_size"], landmark_size=spec["landmark_size"], min_face_size=params.face.min_face_size,
-        one_face=pp.one_face, max_bytes=int(pp.max_file_mb * 1024 * 1024), work_dir=str(work_dir), params_key=key,
+        one_face=pp.one_face, max_bytes=int(pp.max_file_mb * 1024 * 1024),
+        max_pixels=pp.max_pixels, work_dir=str(work_dir), params_key=key,
     )
 
 
@@ -184,7 +185,9 @@ def _records(entries, index: "SourceIndex", store: "ResultStore", settings: "Ite
         sha = index.known_sha(e.path, e.fingerprint)
         rec: dict[str, Any] = {"path": e.path, "entry": e, "digest": ann[1] if ann else "", "sha256": sha,
                                "key": None, "check": False, "meta": None}
-        if escapes_root(e.path):
+        if e.problem is not None:  # known from the listing (link out of the root, non-UTF-8 name, FIFO ...)
+            rec["meta"] = {"status": "reject", "reason": e.problem[0], "detail": e.problem[1]}
+        elif escapes_root(e.path):
             rec["meta"] = {"status": "reject", "reason": "unsafe_path", "detail": f"key {e.key!r} leaves the input root"}
         elif "/" not in e.path:
             rec["meta"] = {"status": "reject", "reason": "no_identity",
@@ -293,7 +296,8 @@ def _run_key(params_key: str, params: "Params", records: list[dict[str, Any]], s
     for r in records:
         status = r["meta"]["reason"] if r["meta"]["status"] == "reject" else "ok"
         caption = index.caption(r["path"]) if status == "ok" else ""
-        h.update(f"\n{r['path']}\t{r['key']}\t{status}\t{r['meta'].get('detail', '')}\t{caption}".encode())
+        line = f"\n{r['path']}\t{r['key']}\t{status}\t{r['meta'].get('detail', '')}\t{caption}"
+        h.update(line.encode("utf-8", "backslashreplace"))
     h.update(json.dumps(splits, sort_keys=True).encode())
     return h.hexdigest()
 
@@ -372,15 +376,19 @@ def _run_analysis(todo: list[dict[str, Any]], index: "SourceIndex", settings: "I
 def _classify(records: list[dict[str, Any]], store: "ResultStore", report) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Final status of every image (duplicates decided here), fed to the report; returns the accepted
     records and samples per identity. Accepted records keep no result data (re-read per row)."""
+    # Duplicates only among usable copies: two empty or two truncated files keep their own reason.
+    # Metas of usable results are read again below rather than all held at once.
     winners: dict[str, tuple[bool, str]] = {}
     for r in records:
-        if r["sha256"]:
+        if r["meta"] is None and (meta := store.meta(r["key"]))["status"] != "ok":
+            r["meta"] = meta
+        if r["meta"] is None:
             cand = (not r["digest"], r["path"])  # annotated copy first, then path order
             winners[r["sha256"]] = min(winners.get(r["sha256"], cand), cand)
     per_identity: dict[str, int] = {}
     accepted: list[dict[str, Any]] = []
     for r in records:
-        if r["meta"] is None and r["sha256"] and winners[r["sha256"]][1] != r["path"]:
+        if r["meta"] is None and winners[r["sha256"]][1] != r["path"]:
             r["meta"] = {"status": "reject", "reason": "duplicate", "detail": f"same bytes as {winners[r['sha256']][1]}"}
         if r["meta"] is None:
             r["meta"] = store.meta(r["key"])
@@ -402,6 +410,7 @@ def _write_outputs(out: Path, *, records, accepted, splits, store, index, report
                    input_uri: str, entries: int, images: int, side_entries: int, side: dict[str, Any]) -> None:
     """Shards (streamed), rejects, plot, then the report (its prepare_key marks completion)."""
     from components.prepare_report import plot_histograms, write_json_atomic
+    from components.prepare_source import printable
     from components.shards import write_shards
 
     pp = params.prepare
@@ -422,8 +431,8 @@ def _write_outputs(out: Path, *, records, accepted, splits, store, index, report
     with tmp.open("w") as fh:
         for r in records:
             if r["meta"]["status"] != "ok":
-                fh.write(json.dumps({"image": r["path"], "reason": r["meta"]["reason"],
-                                     "detail": r["meta"].get("detail", "")}) + "\n")
+                fh.write(json.dumps({"image": printable(r["path"]), "reason": r["meta"]["reason"],
+                                     "detail": printable(r["meta"].get("detail", ""))}) + "\n")
     tmp.replace(out / REJECTS)
     settings_view = {"image_size": settings.image_size, "crop_size": settings.crop_size,
                      "landmark_size": settings.landmark_size, "min_face_size": settings.min_face_size,

@@ -44,17 +44,21 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Part of every result key: bump when the bytes or fields of a result change.
-PREPARE_VERSION = "prepare-1"
+PREPARE_VERSION = "prepare-2"  # 2: decode_image (header limits, alpha over white, 16-bit grey)
 DEFAULT_CAPTION = "a photo of a person"
 
 # Reject reasons (rejects.jsonl "reason"), in the order the checks run. docs/data.md lists them.
 REASONS = {
     "unsafe_path": "the file's key or link points outside the input root",
+    "bad_filename": "the path is not valid UTF-8 (shown with \\x escapes); never read",
+    "not_a_file": "a directory, FIFO, socket or device named like an image; never read",
     "no_identity": "image directly under the root: no <identity>/ folder",
     "too_large": "file larger than prepare.max_file_mb (not read)",
     "read_error": "the file could not be read (I/O or object-store error after retries)",
     "empty_file": "zero-byte file",
-    "unreadable": "not a decodable image (truncated, corrupt, unknown format)",
+    "not_an_image": "content is not JPEG, PNG or WebP, whatever the extension (text, GIF, EPS ...); never decoded",
+    "too_many_pixels": "the header declares more than prepare.max_pixels pixels (decompression bomb); never decoded",
+    "unreadable": "a JPEG/PNG/WebP that cannot be decoded (truncated, corrupt)",
     "invalid_annotation": "annotations.jsonl record for this image is malformed",
     "no_face": "the detector found no face",
     "face_too_small": "every face found is smaller than face.min_face_size",
@@ -78,6 +82,7 @@ class ItemSettings:
     min_face_size: int
     one_face: bool
     max_bytes: int
+    max_pixels: int
     work_dir: str
     params_key: str
 
@@ -225,6 +230,67 @@ def parse_annotation(text: str) -> Annotation:
 
 
 # --------------------------------------------------------------------------------------------
+# Decoding hostile bytes
+
+# Formats prepare decodes, whatever the file's extension: the content is sniffed. Everything else
+# PIL could open (GIF, TIFF, EPS -> Ghostscript, ...) is refused before any plugin decodes it.
+# Phone JPEGs with a second picture (MPO) come through the JPEG opener.
+DECODE_FORMATS = ("JPEG", "PNG", "WEBP")
+_MAGIC = (b"\xff\xd8", b"\x89PNG\r\n\x1a\n")  # + RIFF....WEBP, checked below
+
+
+def _is_allowed_magic(data: bytes) -> bool:
+    return data.startswith(_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+
+
+def _to_rgb(im: "Any") -> "np.ndarray":
+    """The conversion inference uses too, so training and serving see the same pixels."""
+    from model.face_analysis import pil_to_rgb
+
+    return pil_to_rgb(im)
+
+
+def decode_image(data: bytes, max_pixels: int) -> "np.ndarray":
+    """Bytes of an untrusted file -> RGB uint8 [H, W, 3], or Reject with the reason.
+
+    Why this order: the cheap, allocation-free checks run on the header only (``Image.open`` is
+    lazy), so a 20 kB PNG declaring 12000 x 12000 pixels is refused before a single row is
+    inflated; only then are pixels decoded. EXIF orientation is applied as in
+    ``model.face_analysis.load_image``.
+    """
+    import warnings
+
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not data:
+        raise Reject("empty_file", "0 bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels decides, below
+            im = Image.open(io.BytesIO(data), formats=DECODE_FORMATS)
+    except UnidentifiedImageError:
+        if _is_allowed_magic(data):
+            raise Reject("unreadable", "corrupt or truncated header") from None
+        raise Reject("not_an_image", f"content is not JPEG, PNG or WebP (starts with {data[:16]!r})") from None
+    except Image.DecompressionBombError as err:  # PIL's own header check, above 2 x Image.MAX_IMAGE_PIXELS
+        raise Reject("too_many_pixels", f"header check: {err}; not decoded") from None
+    except Exception as err:  # noqa: BLE001 - a malformed header is the file's problem, never the run's
+        raise Reject("unreadable", f"header: {type(err).__name__}: {err}") from None
+    with im:
+        w, h = im.size
+        if w * h > max_pixels:
+            raise Reject("too_many_pixels", f"header check: {im.format} declares {w}x{h} = {w * h} pixels "
+                                            f"> prepare.max_pixels {max_pixels}; not decoded")
+        if w < 1 or h < 1:
+            raise Reject("unreadable", f"header check: {im.format} declares {w}x{h} pixels")
+        try:
+            im.load()  # truncated data fails here
+            return _to_rgb(ImageOps.exif_transpose(im))
+        except Exception as err:  # noqa: BLE001 - OSError, SyntaxError, struct.error ... from odd files
+            raise Reject("unreadable", f"{type(err).__name__}: {err}") from None
+
+
+# --------------------------------------------------------------------------------------------
 # Geometry of the stored images
 
 
@@ -350,15 +416,8 @@ class ItemProcessor:
 
     # -- analysis ---------------------------------------------------------------------------
     def analyse(self, data: bytes, item: WorkItem) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        from model.face_analysis import FaceAnalysisError, load_image
-
         try:
-            if not data:
-                raise Reject("empty_file", "0 bytes")
-            try:
-                image = load_image(data)
-            except FaceAnalysisError as err:
-                raise Reject("unreadable", str(err).replace(f"<{len(data)} bytes>", item.path)) from None
+            image = decode_image(data, self.s.max_pixels)  # [H, W, 3] RGB uint8
             if item.annotation is not None:
                 face = self._annotated_face(image, item.annotation)
             else:
@@ -469,12 +528,12 @@ class ItemProcessor:
         annotated box), how well do the boxes overlap, how far is the detected face's embedding."""
         import numpy as np
 
-        from model.face_analysis import FaceAnalysisError, load_image
+        from model.face_analysis import FaceAnalysisError
 
         x0, y0, x1, y1 = meta["box_px"]
         try:
-            faces = self.analyzer.detect(load_image(data))
-        except FaceAnalysisError:
+            faces = self.analyzer.detect(decode_image(data, self.s.max_pixels))
+        except (FaceAnalysisError, Reject):
             faces = []
         hits = [f for f in faces if x0 <= (f.bbox[0] + f.bbox[2]) / 2 <= x1 and y0 <= (f.bbox[1] + f.bbox[3]) / 2 <= y1]
         out: dict[str, Any] = {"detected": bool(hits), "faces": len(faces), "abs_yaw": abs(meta["yaw"]),

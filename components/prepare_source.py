@@ -21,6 +21,7 @@ import json
 import os
 import posixpath
 import sqlite3
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Protocol
@@ -41,6 +42,7 @@ class Entry:
     key: str
     size: int
     fingerprint: str
+    problem: tuple[str, str] | None = None  # (reject reason, detail) known from the listing: never read
 
     @property
     def is_image(self) -> bool:
@@ -50,6 +52,21 @@ class Entry:
 def normalise(rel: str) -> str:
     """A relative path as it is written in annotations/captions: posix, no ``./``, no doubled slashes."""
     return posixpath.normpath(rel.replace("\\", "/")).lstrip("/") if rel else rel
+
+
+def printable(text: str) -> str:
+    """``text`` as valid UTF-8: undecodable bytes of a file name (which Python carries as lone
+    surrogates) become ``\\xNN`` escapes, so JSON, SQLite and Parquet writers never fail on them."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape" if _only_escapes(text) else "backslashreplace").decode(
+            "utf-8", "backslashreplace")
+
+
+def _only_escapes(text: str) -> bool:
+    return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in text)
 
 
 def escapes_root(rel: str) -> bool:
@@ -86,21 +103,39 @@ class LocalSource:
         self.uri = str(self.root)
 
     def entries(self) -> list[Entry]:
+        """Every file below the root. Links to files are followed when they stay inside the root;
+        links to directories are not followed. Names that cannot be a usable sample are listed with
+        their problem (and never read): links out of the root, non-UTF-8 names, and directories or
+        special files (a FIFO would block ``read`` forever) named like images."""
         out: list[Entry] = []
+        root = self.root.resolve()
         for dirpath, dirnames, filenames in os.walk(self.root):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # .dvc, .git, .staging ...
-            for name in filenames:
-                if name.startswith("."):
-                    continue
-                full = Path(dirpath) / name
-                try:
-                    st = full.stat()
-                except OSError:  # dangling link: still listed, read() reports why
-                    st = None
-                rel = full.relative_to(self.root).as_posix()
-                size = st.st_size if st else -1
-                out.append(Entry(rel, rel, size, f"{size}:{st.st_mtime_ns if st else 0}"))
+            here = Path(dirpath)
+            for name in dirnames:  # the walk still descends into real directories named like images
+                if name.lower().endswith(IMAGE_EXTENSIONS):
+                    out.append(self._entry(here / name, root, directory=True))
+            out.extend(self._entry(here / name, root) for name in filenames if not name.startswith("."))
         return sorted(out, key=lambda e: e.path)
+
+    def _entry(self, full: Path, root: Path, directory: bool = False) -> Entry:
+        rel = full.relative_to(self.root).as_posix()
+        path = printable(rel)
+        try:
+            st = full.stat()
+        except OSError:  # dangling link: still listed, read() reports why
+            st = None
+        size = st.st_size if st else -1
+        fp = f"{size}:{st.st_mtime_ns if st else 0}"
+        problem: tuple[str, str] | None = None
+        if path != rel:
+            problem = ("bad_filename", f"path is not valid UTF-8: {os.fsencode(rel)!r}")
+        elif full.is_symlink() and not full.resolve().is_relative_to(root):
+            problem = ("unsafe_path", f"symlink to {printable(str(full.resolve()))} points outside the input root")
+        elif directory or (st is not None and not stat.S_ISREG(st.st_mode)):
+            kind = "directory" if directory or stat.S_ISDIR(st.st_mode) else _special_kind(st.st_mode)
+            problem = ("not_a_file", f"a {kind} named like an image")
+        return Entry(path, rel, size, fp, problem)
 
     def read(self, key: str) -> bytes:
         from components.storage import _safe_join
@@ -108,8 +143,9 @@ class LocalSource:
         return _safe_join(self.root, key).read_bytes()  # a link out of the root is refused
 
     def lines(self, key: str) -> Iterator[bytes] | None:
+        """A side file's lines; None when it is missing, not a regular file or a link out of the root."""
         path = self.root / key
-        if not path.is_file():
+        if not path.is_file() or not path.resolve().is_relative_to(self.root.resolve()):
             return None
 
         def gen() -> Iterator[bytes]:
@@ -117,6 +153,14 @@ class LocalSource:
                 yield from fh
 
         return gen()
+
+
+def _special_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return kind
+    return "special file"
 
 
 class S3Source:
@@ -220,7 +264,7 @@ class SourceIndex:
             return json.loads(row[1])
         self.db.execute(f"DELETE FROM {table}")
         stats: dict[str, Any] = {"present": lines is not None, "records": 0, "bad_lines": 0, "bad_line_numbers": [],
-                                 "repeated_images": 0}
+                                 "repeated_images": 0, "unsafe_paths": 0}
         if lines is not None:
             batch: list[tuple[str, ...]] = []
             seen = 0
@@ -229,7 +273,11 @@ class SourceIndex:
                     continue
                 try:
                     record = json.loads(raw)
-                    image = normalise(str(record["image"])) if isinstance(record, dict) else None
+                    image = str(record["image"]) if isinstance(record, dict) else None
+                    if image and escapes_root(image.replace("\\", "/")):  # ../x, /etc/x: never a file of this root
+                        stats["unsafe_paths"] += 1
+                        raise ValueError
+                    image = normalise(image) if image else None
                     if not image or (table == "cap" and not isinstance(record.get("caption"), str)):
                         raise ValueError
                 except (ValueError, KeyError, TypeError):

@@ -136,14 +136,38 @@ def load_image(source: str | os.PathLike[str] | bytes | bytearray | memoryview) 
     try:
         with Image.open(fp) as im:
             im.load()  # decode now: truncated data fails here, inside the try
-            rgb = ImageOps.exif_transpose(im).convert("RGB")
+            rgb = pil_to_rgb(ImageOps.exif_transpose(im))
     except UnidentifiedImageError:
         raise FaceAnalysisError(f"cannot read image {name}: not a recognised image format") from None
     except Image.DecompressionBombError as exc:
         raise FaceAnalysisError(f"cannot read image {name}: too many pixels ({exc})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise FaceAnalysisError(f"cannot read image {name}: {exc}") from None
-    return np.array(rgb, dtype=np.uint8)  # [H, W, 3]
+    return rgb  # [H, W, 3]
+
+
+_WIDE_GREY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
+
+
+def pil_to_rgb(im) -> np.ndarray:
+    """RGB uint8 [H, W, 3] of any PIL mode; shared by inference and ``dynamicid prepare``.
+
+    PIL's own ``convert("RGB")`` gets two cases wrong for photos: it clips 16-bit grey to 255 (a
+    white picture) and it drops alpha, exposing whatever colour the transparent pixels happen to
+    store. Grey is scaled 65535 -> 255; transparency is composited over white.
+    """
+    from PIL import Image
+
+    if im.mode in _WIDE_GREY_MODES:
+        grey = np.asarray(im).astype(np.float64)  # [H, W], 0..65535
+        grey = np.clip(np.rint(grey / 257.0), 0, 255).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)  # [H, W, 3]
+    if im.mode in _ALPHA_MODES or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.array(Image.alpha_composite(white, rgba).convert("RGB"), dtype=np.uint8)
+    return np.array(im.convert("RGB"), dtype=np.uint8)
 
 
 def _check_image(image: np.ndarray, what: str = "image") -> np.ndarray:

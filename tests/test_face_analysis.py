@@ -398,3 +398,31 @@ def test_auto_backend_follows_the_profile(pack):
     auto = _params(pack).model_copy(update={"backend": "auto"})
     assert isinstance(build_face_analyzer(auto, profile="sd15"), InsightFaceAnalyzer)
     assert auto.resolved_backend("tiny") == "dlib"
+
+
+def test_load_image_keeps_16_bit_grey_and_composites_alpha_like_prepare(tmp_path):
+    """Inference and prepare decode the same pixels: 16-bit grey is scaled, not clipped to white;
+    transparent pixels become white whatever colour they store."""
+    import io
+
+    from PIL import Image
+
+    from components.prepare_item import decode_image
+    from model.face_analysis import load_image
+
+    ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)  # 0..65520
+    buf = io.BytesIO()
+    Image.fromarray(ramp).save(buf, format="PNG")
+    grey = load_image(buf.getvalue())
+    np.testing.assert_array_equal(grey[..., 0], np.rint(ramp / 257.0).astype(np.uint8))
+    assert grey.max() > 200 and grey.min() == 0  # a ramp, not a white picture
+
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[..., 0] = rgba[..., 2] = 255  # magenta under ...
+    rgba[:, 16:, 3] = 255  # ... a transparent left half
+    buf = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buf, format="PNG")
+    out = load_image(buf.getvalue())
+    assert (out[:, :16] == 255).all() and (out[:, 16:] == [255, 0, 255]).all()
+    for data in (buf.getvalue(),):
+        np.testing.assert_array_equal(decode_image(data, max_pixels=10_000), out)

@@ -54,6 +54,10 @@ class PrepareParams(StrictModel):
         "rate on this data (data_report.json detection_check); 0 = off",
     )
     max_file_mb: float = Field(64.0, gt=0, description="larger files are quarantined without being read")
+    max_pixels: int = Field(
+        64_000_000, ge=1, description="images whose header declares more pixels (width x height) are quarantined "
+        "as too_many_pixels before any pixel is decoded: decompression bombs, forged headers",
+    )
     work_dir: str | None = Field(
         None, description="content-addressed per-image results (resume, no-op reruns); "
         "null = <storage.cache_dir>/prepare. Safe to delete (everything is recomputed).",
