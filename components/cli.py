@@ -66,11 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose + 1, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from components import redact
+
+    secrets = redact.install().secrets  # logs, warnings and tracebacks carry no credentials
     try:
         params = load_params(args.params, args.overrides)
         result = args.func(args, params)
     except (ParamsError, UserError) as err:
-        print(f"dynamicid {args.command}: error: {err}", file=sys.stderr)
+        print(f"dynamicid {args.command}: error: {redact.redact_text(str(err), secrets)}", file=sys.stderr)
         return 2
     return int(result or 0)
 

@@ -113,13 +113,22 @@ def _predictor_container(predictor: Obj) -> Obj:
     raise UserError(f"InferenceService template: no container named {PREDICTOR_CONTAINER!r}")
 
 
-def serving_params(params, port: int):
-    """Params for the predictor pod: reachable on the pod IP, on the template's port."""
+def serving_params(params, port: int, cache_home: str | None = None):
+    """Params for the predictor pod: reachable on the pod IP, on the template's port, and (the root
+    filesystem being read-only) caching under the template's writable ``$XDG_CACHE_HOME``."""
     from components.config import params_from_dict
 
     tree = params.model_dump(mode="json")
     tree["serve"].update(host="0.0.0.0", http_port=port)
+    if cache_home:
+        cache = cache_home.rstrip("/") + "/dynamicid"
+        tree["storage"]["cache_dir"] = cache
+        tree["model"]["sd15"]["cache_dir"] = cache
     return params_from_dict(tree, "deploy")
+
+
+def _env_value(container: Obj, name: str) -> str | None:
+    return next((e.get("value") for e in container.get("env", []) if e["name"] == name), None)
 
 
 def build_inference_service(params, model: ModelRef, *, name: str, namespace: str, image: str,
@@ -128,7 +137,13 @@ def build_inference_service(params, model: ModelRef, *, name: str, namespace: st
     from pipelines import kube
     from pipelines.settings import params_settings, settings_args
 
+    from components.redact import redact_text, uri_has_credentials
+
     d = params.deploy
+    if uri_has_credentials(model.location) or uri_has_credentials(model.storage_uri):
+        raise UserError(f"model version {model.version} is stored at {redact_text(model.storage_uri)}, a URI with "
+                        "credentials, which would be written in plain text into the InferenceService; give the "
+                        "storage initializer credentials through the Secret on the serving ServiceAccount instead")
     obj = kube.load_template(d.template, "inferenceservice.yaml", "InferenceService")
     meta = obj.setdefault("metadata", {})
     meta["name"], meta["namespace"] = name, namespace
@@ -151,7 +166,8 @@ def build_inference_service(params, model: ModelRef, *, name: str, namespace: st
     c = _predictor_container(predictor)
     c["image"] = image
     ports = c.get("ports") or [{"containerPort": params.serve.http_port}]
-    settings = params_settings(serving_params(params, int(ports[0]["containerPort"])))
+    settings = params_settings(serving_params(params, int(ports[0]["containerPort"]),
+                                              _env_value(c, "XDG_CACHE_HOME")))
     args = [a for a in c.get("args", [])]
     c["args"] = kube.escape_expansion(settings_args(settings)) + args
     kube.set_env(c, "STORAGE_URI", model.storage_uri)

@@ -536,7 +536,7 @@ def evaluate(params: "Params", checkpoint: str, output: str | Path) -> dict:
     from components.config import flatten
     from components.metrics import ClipScorer, clip_model_path, nest, tiny_clip_fingerprint
     from components.runtime import pipeline_from_params
-    from components.tracking import setup_mlflow, tracking_uri
+    from components.tracking import loggable_params, public_uri, setup_mlflow, tracking_uri
     from model.checkpoint import CheckpointError
     from model.face_analysis import FaceAnalysisError, build_face_analyzer
 
@@ -575,10 +575,10 @@ def evaluate(params: "Params", checkpoint: str, output: str | Path) -> dict:
     write_csv(out / "samples.csv", result.rows)
     (out / "eval_set.json").write_text(json.dumps({"hash": evalset.hash, **evalset.definition}, indent=2) + "\n")
     tags = {**lineage(params), "eval_set_hash": evalset.hash, "checkpoint_digest": digest,
-            "checkpoint": str(checkpoint), "profile": params.model.profile,
+            "checkpoint": public_uri(str(checkpoint)), "profile": params.model.profile,
             "face_backend": params.face.resolved_backend(params.model.profile), "dynamicid.stage": "evaluate"}
     report: dict[str, Any] = {
-        "checkpoint": str(checkpoint), "checkpoint_dir": str(ckpt), "checkpoint_digest": digest,
+        "checkpoint": public_uri(str(checkpoint)), "checkpoint_dir": str(ckpt), "checkpoint_digest": digest,
         "eval_set_hash": evalset.hash, **{k: tags[k] for k in ("git_commit", "params_hash", "data_version",
                                                                 "profile", "face_backend")},
         "counts": counts(evalset, result.rows), "champion": champion,
@@ -588,9 +588,9 @@ def evaluate(params: "Params", checkpoint: str, output: str | Path) -> dict:
     }
     with mlflow.start_run(run_name="evaluate", tags=tags) as run:
         ev_params = {k: v for k, v in flatten(params).items() if k.startswith(("evaluate.", "model.", "face."))}
-        mlflow.log_params({k: str(v)[:500] for k, v in ev_params.items()})
+        mlflow.log_params({k: str(v)[:500] for k, v in loggable_params(ev_params).items()})
         mlflow.log_metrics({k: v for k, v in result.metrics.items() if v is not None})
-        report["mlflow"] = {"tracking_uri": tracking_uri(params), "run_id": run.info.run_id,
+        report["mlflow"] = {"tracking_uri": public_uri(tracking_uri(params)), "run_id": run.info.run_id,
                             "experiment_id": run.info.experiment_id}
         report["duration_s"] = round(time.time() - t0, 1)
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")

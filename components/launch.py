@@ -279,6 +279,14 @@ def build_job(params, *, stage: str, name: str, namespace: str, image: str, node
         kube.rename_secret(c, p.s3_secret)
         for key, value in p.env.items():
             kube.set_env(c, key, value)
+        # The same Secret keys as the pipeline's steps get (kfp-kubernetes use_secret_as_env).
+        present = {e["name"] for e in c.get("env", []) if "valueFrom" in e}
+        for key in p.s3_keys:
+            if key not in present:
+                kube.secret_env(c, p.s3_secret, key)
+        for key in p.s3_optional_keys:
+            if key not in present:
+                kube.secret_env(c, p.s3_secret, key, optional=True)
         if gpus == 0:
             kube.set_env(c, "DS_ACCELERATOR", "cpu")  # DeepSpeed would otherwise look for CUDA
         else:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 LOCAL_TRACKING_URI = "sqlite:///mlflow.db"
 
@@ -15,11 +16,32 @@ def tracking_uri(params) -> str:
     return params.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or LOCAL_TRACKING_URI
 
 
+def public_uri(uri: str) -> str:
+    """A tracking/registry URI fit for logs and reports: credentials in its userinfo masked."""
+    from components.redact import redact_text
+
+    return redact_text(uri)
+
+
+def loggable_params(flat: dict[str, Any]) -> dict[str, Any]:
+    """Flattened params fit for ``mlflow.log_params``: credentials in URIs, secret-named keys and
+    the values of secret environment variables masked (see components/redact.py)."""
+    from components.redact import known_secrets, redact_params
+
+    return redact_params(flat, known_secrets())
+
+
 def setup_mlflow(params, experiment: str | None = None):
     """Point mlflow at the configured tracking/registry URIs and experiment; returns the mlflow module."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(params))
+    from components.redact import uri_has_credentials
+
+    uri = tracking_uri(params)
+    if uri_has_credentials(uri):
+        # MLflow prints "View run ... at: <tracking URI>/#/..." to stdout after each run.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    mlflow.set_tracking_uri(uri)
     registry = params.mlflow.registry_uri or os.environ.get("MLFLOW_REGISTRY_URI")
     if registry:
         mlflow.set_registry_uri(registry)

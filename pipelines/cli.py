@@ -88,7 +88,9 @@ def run_local(args: argparse.Namespace, params) -> int:
         try:
             result = pipeline(deploy_args=["--wait"] if args.deploy else ["--dry-run"])
         except RuntimeError as err:
-            print(f"pipeline run-local: {err}", file=sys.stderr)
+            from components.redact import known_secrets, redact_text
+
+            print(f"pipeline run-local: {redact_text(str(err), known_secrets())}", file=sys.stderr)
             return 1
     passed = bool(result.output)
     print(f"pipeline run-local: finished; gate {'passed: registered and deployed' if passed else 'failed: nothing registered'}"
@@ -114,7 +116,13 @@ def kfp_client(params, host: str | None, namespace: str | None):
     import kfp
     from kfp.client import ServiceAccountTokenVolumeCredentials
 
+    from components.redact import redact_text, uri_has_credentials
+
     host = host or params.pipeline.host or os.environ.get("KF_PIPELINES_ENDPOINT")
+    if host and uri_has_credentials(host):
+        # The KFP client sends no URL credentials; a password there would only end up in messages.
+        raise UserError(f"KFP host {redact_text(host)}: credentials in the URL are not used; "
+                        f"give a bearer token in ${TOKEN_ENV} instead")
     kwargs: dict = {}
     namespace = namespace or params.pipeline.kfp_namespace
     if namespace:
@@ -129,7 +137,10 @@ def kfp_client(params, host: str | None, namespace: str | None):
         kwargs["existing_token"] = kube_config_token()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        return kfp.Client(host=host, **kwargs)
+        try:
+            return kfp.Client(host=host, **kwargs)
+        except _api_errors() as err:  # the client checks the server's health on construction
+            raise UserError(f"cannot reach the KFP API at {redact_text(str(host))}: {err}") from None
 
 
 def parse_arguments(items: list[str], allowed: set[str]) -> dict:

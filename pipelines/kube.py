@@ -56,6 +56,17 @@ def drop_env(container: Obj, name: str) -> None:
     container["env"] = [e for e in container.get("env", []) if e["name"] != name]
 
 
+def secret_env(container: Obj, secret: str, key: str, optional: bool = False) -> None:
+    """An env var taken from a Secret's key (the only way credentials enter a pod), replacing any
+    earlier definition of that name."""
+    ref: Obj = {"name": secret, "key": key}
+    if optional:
+        ref["optional"] = True
+    env = [e for e in container.get("env", []) if e["name"] != key]
+    env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
+    container["env"] = env
+
+
 def rename_secret(container: Obj, name: str) -> None:
     """Point every ``secretKeyRef`` of a container at the Secret ``name`` (params choose it)."""
     for e in container.get("env", []):

@@ -36,6 +36,7 @@ class StageTracker:
         if not self.enabled:
             return
         from components.config import flatten, params_hash
+        from components.redact import known_secrets, redact_params
         from components.tracking import data_version, git_commit, setup_mlflow
 
         # Nothing may reach the network at run time; MLflow 3 would fetch a telemetry config.
@@ -52,8 +53,12 @@ class StageTracker:
             mlflow.start_run(run_name=f"train-{self.stage}")
             lineage = {"git_commit": git_commit(), "data_version": data_version(self.params.data.prepared),
                        "params_hash": params_hash(self.params), "stage": self.stage}
-            flat = {k: _param_value(v) for k, v in flatten(self.params).items()}
-            mlflow.log_params({**flat, **lineage, **{k: _param_value(v) for k, v in extra_params.items()}})
+            # Params may carry URIs with credentials (endpoint, tracking, KFP host) or secret env
+            # values (pipeline.env): MLflow params are readable by everyone with the experiment.
+            secrets = known_secrets()
+            flat = {k: _param_value(v) for k, v in redact_params(flatten(self.params), secrets).items()}
+            extra = {k: _param_value(v) for k, v in redact_params(extra_params, secrets).items()}
+            mlflow.log_params({**flat, **lineage, **extra})
             mlflow.set_tags({"dynamicid.stage": self.stage, "mlflow.source.git.commit": lineage["git_commit"],
                              "dynamicid.data_version": lineage["data_version"]})
         self.run_id = mlflow.active_run().info.run_id
