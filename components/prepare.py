@@ -335,7 +335,10 @@ def _open_input(input_uri: str, params: "Params", work: Path):
     from components.prepare_source import ANNOTATIONS, CAPTIONS, SourceIndex, open_source
     from components.storage import StorageError, is_s3
 
-    source = open_source(input_uri, params.storage)
+    try:
+        source = open_source(input_uri, params.storage)
+    except StorageError as err:  # a malformed s3:// URI
+        raise UserError(f"prepare input {input_uri!r}: {err}") from None
     where = input_uri if is_s3(input_uri) else str(Path(input_uri).expanduser().resolve())
     index = SourceIndex(work / "sources" / f"{hashlib.sha256(where.encode()).hexdigest()[:16]}.sqlite")
     try:
@@ -348,6 +351,26 @@ def _open_input(input_uri: str, params: "Params", work: Path):
         index.close()
         raise UserError(f"cannot list {input_uri}: {type(err).__name__}: {err}") from None
     return source, entries, side_entries, index, side
+
+
+def _fail_on_unread_objects(input_uri: str, records: list[dict[str, Any]]) -> None:
+    """An object store that still fails after retries is an outage, not bad data: quarantining its
+    objects would publish a data set silently missing them. Nothing is written; the analyses done
+    so far are cached, so the rerun only reads what is missing."""
+    from components.cli import UserError
+    from components.storage import is_s3
+
+    if not is_s3(input_uri):
+        return  # a local file that cannot be read (dangling link, permissions) is that file's problem
+    unread = sorted(r["path"] for r in records if r["meta"] and r["meta"].get("reason") == "read_error")
+    if unread:
+        raise UserError(f"{len(unread)} object(s) of {input_uri} could not be read after retries "
+                        f"(first: {unread[0]}: {_records_detail(records, unread[0])}); nothing was written, "
+                        "rerun when the store is healthy (finished analyses are cached)")
+
+
+def _records_detail(records: list[dict[str, Any]], path: str) -> str:
+    return next(str(r["meta"].get("detail", "")) for r in records if r["path"] == path)[:300]
 
 
 def _run_analysis(todo: list[dict[str, Any]], index: "SourceIndex", settings: "ItemSettings", source,
@@ -474,6 +497,7 @@ def prepare(input_uri: str | os.PathLike[str], output: str | os.PathLike[str], p
 
         report = ReportBuilder(settings.face["backend"])
         accepted, per_identity = _classify(records, store, report)
+        _fail_on_unread_objects(input_uri, records)
         pp = params.prepare
         splits = assign_splits(sorted(per_identity), pp.test_fraction, pp.val_fraction, pp.split_seed)
         run_key = _run_key(settings.params_key, params, records, splits, index, input_uri)

@@ -202,7 +202,9 @@ class S3Source:
         return sorted(out, key=lambda e: e.path)
 
     def read(self, key: str) -> bytes:
-        return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        from components.storage import read_object
+
+        return read_object(self.client, self.bucket, key)  # s3transfer retries a body cut off mid-stream
 
     def lines(self, key: str) -> Iterator[bytes] | None:
         from botocore.exceptions import ClientError

@@ -269,7 +269,11 @@ def run_register(args: argparse.Namespace, params: "Params") -> int:
             record.update(registered=True, version=str(mv.version), aliases=aliases, tags=tags,
                           run_id=mv.run_id, source=mv.source)
             _write(out_dir / "registration.json", json.dumps(record, indent=2) + "\n")
-            mlflow.log_artifact(str(out_dir / "registration.json"), artifact_path="registration")
+            try:  # the version is registered, verified and aliased: this copy of the record is a courtesy
+                mlflow.log_artifact(str(out_dir / "registration.json"), artifact_path="registration")
+            except Exception as err:  # noqa: BLE001 - e.g. the artefact store went down just now
+                log.warning("registered v%s, but could not upload registration.json to the run: %s: %s",
+                            mv.version, type(err).__name__, str(err).splitlines()[0][:300] if str(err) else "")
     _write(args.version_file, str(mv.version))
     print(f"registered {name} v{mv.version} ({', '.join('@' + a for a in aliases)}); "
           f"load it with mlflow.pyfunc.load_model('models:/{name}@{aliases[-1]}')")

@@ -327,6 +327,12 @@ def verify_version(name: str, version: str, digest: str) -> None:
                                 f"checkpoint (digest {got[:12]} != {digest[:12]})")
 
 
+def _first_line(err: BaseException, limit: int = 300) -> str:
+    """An exception's first line: MLflow/requests errors can carry whole response bodies."""
+    text = str(err).strip().splitlines()
+    return (text[0] if text else "")[:limit]
+
+
 def publish(params, ckpt: str | Path, *, tags: dict[str, str], aliases: Iterable[str]) -> ModelVersion:
     """Log, register, wait, verify, then move aliases; on any failure remove the new version.
 
@@ -334,25 +340,44 @@ def publish(params, ckpt: str | Path, *, tags: dict[str, str], aliases: Iterable
     """
     name = params.mlflow.registered_model
     digest = checkpoint_digest(ckpt)
-    info = log_model(params, ckpt)
     c = client()
-    mv = mlflow.register_model(info.model_uri, name, await_registration_for=params.gate.await_registration_s,
-                               tags={**tags, "checkpoint_digest": digest})
+    try:  # nothing is registered yet: a failure here (artefact store down after retries) leaves no version
+        info = log_model(params, ckpt)
+    except Exception as err:  # noqa: BLE001 - MlflowException, requests/boto errors: all mean "not uploaded"
+        raise RegistryError(f"uploading the model artefacts of {name} failed after retries "
+                            f"({type(err).__name__}: {_first_line(err)}); nothing was registered") from err
+    try:
+        # No waiting inside register_model: once the version exists, every wait happens in the
+        # try below, whose failure path deletes it.
+        mv = mlflow.register_model(info.model_uri, name, await_registration_for=0,
+                                   tags={**tags, "checkpoint_digest": digest})
+    except Exception as err:  # noqa: BLE001
+        raise RegistryError(f"creating a version of {name} failed ({type(err).__name__}: {_first_line(err)}); "
+                            f"nothing was registered") from err
+    aliases = list(aliases)
+    previous: dict[str, str] = {}  # alias -> version it pointed to before this call (moved ones only)
     try:
         mv = wait_ready(c, name, mv.version, params.gate.await_registration_s)
         verify_version(name, mv.version, digest)
         c.set_model_version_tag(name, mv.version, "verified", "true")
         for alias in aliases:
+            old = alias_version(c, name, alias)
+            previous[alias] = old.version if old is not None else ""
             c.set_registered_model_alias(name, alias, mv.version)
     except BaseException as err:
-        log.error("registration of %s v%s failed (%s): deleting the version", name, mv.version, err)
+        log.error("registration of %s v%s failed (%s): deleting the version", name, mv.version,
+                  _first_line(err))
         try:
-            c.delete_model_version(name, mv.version)
-        except MlflowException as cleanup:  # pragma: no cover - logged, the original error is raised
-            log.error("could not delete %s v%s: %s", name, mv.version, cleanup)
+            c.delete_model_version(name, mv.version)  # also drops any alias already moved to it
+            for alias, version in previous.items():
+                if version:
+                    c.set_registered_model_alias(name, alias, version)
+        except Exception as cleanup:  # noqa: BLE001 - logged, the original error is raised
+            log.error("could not clean up %s v%s: %s", name, mv.version, _first_line(cleanup))
         if isinstance(err, RegistryError) or not isinstance(err, Exception):
             raise
-        raise RegistryError(f"{name} v{mv.version}: {type(err).__name__}: {err}; the version was removed") from err
+        raise RegistryError(f"{name} v{mv.version}: {type(err).__name__}: {_first_line(err)}; "
+                            f"the version was removed") from err
     return c.get_model_version(name, mv.version)
 
 
