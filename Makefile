@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH)" uv
 	$(BIN)/python -c "import torch; print('torch', torch.__version__)" > $(VENV)/torch-version.txt
 	echo "$$($(BIN)/python -c 'import torch; print("torch==" + torch.__version__.split("+")[0])')" > $(VENV)/constraints.txt
-	$(BIN)/uv pip install --python $(BIN)/python --constraint $(VENV)/constraints.txt -e ".[$(EXTRAS)]"
+	$(BIN)/uv pip install --compile-bytecode --python $(BIN)/python --constraint $(VENV)/constraints.txt -e ".[$(EXTRAS)]"
 	@touch $@
 
 run: install

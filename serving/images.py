@@ -4,6 +4,10 @@ Order matters for safety: the encoded length bounds the decoded bytes before bas
 the pixel count comes from the image header (PIL reads only the header on ``open``) before the
 full decode, so a small file that claims 100k x 100k pixels (a decompression bomb) costs nothing.
 A string is only ever base64-decoded: paths and URLs (file://, http://, s3://) are never opened.
+A URL is refused by its scheme before decoding; a path (``/etc/passwd``, ``../x.png``, ``~/x``,
+``\\\\host\\x``) is recognised when it is not valid base64 (a JPEG's base64 starts with ``/9j/``, so a
+leading ``/`` alone proves nothing) and refused with the same reason, ``uri_not_allowed``, so the
+caller learns why; either way it is only ever base64-decoded.
 """
 
 from __future__ import annotations
@@ -21,6 +25,14 @@ from serving.errors import ServingError, bad_request, too_large
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]{0,31}:")
 _DATA_URL = re.compile(r"^data:image/[A-Za-z0-9.+-]+;base64,")
 _WHITESPACE = re.compile(r"\s")
+_PATH = re.compile(r"^(?:\.{0,2}[/\\]|~[/\\]?|[A-Za-z]:[/\\])|(?:^|[/\\])\.\.(?:[/\\]|$)")
+_MAX_PATH_CHARS = 4096
+_URI_MESSAGE = "looks like a URL or path; the server never opens those: send the image bytes, base64-encoded"
+
+
+def looks_like_path(text: str) -> bool:
+    """A local path (absolute, relative with ./ ../, home, Windows drive, any ``..`` segment)."""
+    return len(text) <= _MAX_PATH_CHARS and bool(_PATH.search(text))
 
 
 def encoded_limit(max_bytes: int) -> int:
@@ -39,11 +51,7 @@ def b64decode_bounded(text: str, field: str, max_bytes: int) -> bytes:
             raise bad_request("invalid_base64", "a data URL must look like data:image/<type>;base64,<data>", field)
         text = text[m.end():]
     elif _SCHEME.match(text):
-        raise bad_request(
-            "uri_not_allowed",
-            "looks like a URL or path; the server never opens those: send the image bytes, base64-encoded",
-            field,
-        )
+        raise bad_request("uri_not_allowed", _URI_MESSAGE, field)
     if _WHITESPACE.search(text):  # line-wrapped base64 (e.g. from `base64` without -w0)
         text = "".join(text.split())
     padding = len(text) - len(text.rstrip("="))
@@ -88,8 +96,13 @@ def decode_image(text: str, field: str, max_bytes: int, max_pixels: int, formats
     """Base64 image -> RGB uint8 [H, W, 3] (EXIF orientation applied), or a ServingError naming ``field``."""
     from model.face_analysis import FaceAnalysisError, load_image
 
-    raw = b64decode_bounded(text, field, max_bytes)
-    check_header(raw, field, max_pixels, formats)
+    try:
+        raw = b64decode_bounded(text, field, max_bytes)
+        check_header(raw, field, max_pixels, formats)
+    except ServingError as err:
+        if err.reason == "invalid_base64" and isinstance(text, str) and looks_like_path(text):
+            raise bad_request("uri_not_allowed", _URI_MESSAGE, field) from None
+        raise
     try:
         return load_image(raw)
     except FaceAnalysisError as err:
@@ -103,4 +116,4 @@ def encode_png(image) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-__all__ = ["decode_image", "b64decode_bounded", "check_header", "encode_png", "encoded_limit", "ServingError"]
+__all__ = ["decode_image", "looks_like_path", "b64decode_bounded", "check_header", "encode_png", "encoded_limit", "ServingError"]

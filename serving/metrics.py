@@ -25,6 +25,10 @@ class ServingMetrics:
         self.images = Counter("dynamicid_images_generated", "images returned", labels, registry=registry)
         self.in_flight = Gauge("dynamicid_queue_depth", "admitted requests in flight or queued (bounded by "
                                "serve.max_queue)", labels, registry=registry)
+        self.in_flight_peak = Gauge("dynamicid_queue_depth_peak", "highest dynamicid_queue_depth since the server "
+                                    "started (a scrape can miss a short burst; this cannot)", labels,
+                                    registry=registry)
+        self._peak = 0
         self.waiting = Gauge("dynamicid_batch_queue_depth", "encoded requests waiting for a denoising batch",
                              labels, registry=registry)
         self.batch_size = Histogram("dynamicid_batch_size", "requests per denoising batch", labels,
@@ -47,6 +51,9 @@ class ServingMetrics:
 
     def depth(self, in_flight: int, waiting: int) -> None:
         self.in_flight.labels(self.model_name).set(in_flight)
+        if in_flight > self._peak:
+            self._peak = in_flight
+            self.in_flight_peak.labels(self.model_name).set(in_flight)
         self.waiting.labels(self.model_name).set(waiting)
 
 

@@ -84,6 +84,10 @@ def v2_namer(path: str) -> str:
 def _strings(tensor, name: str) -> list[str]:
     if tensor.datatype != "BYTES":
         raise bad_request("invalid_field", f"datatype must be BYTES, got {tensor.datatype}", name)
+    shape = list(tensor.shape or [])
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        # numpy would read any negative dimension as "infer it": a request states its real shape
+        raise bad_request("invalid_field", f"shape must be non-negative integers, got {str(shape)[:100]}", name)
     try:
         values = np.asarray(tensor.as_numpy(), dtype=object).reshape(-1)
     except (ValueError, TypeError) as err:
@@ -123,8 +127,9 @@ def v2_instance(request) -> tuple[dict[str, Any], FieldNamer]:
             raise bad_request("invalid_field", "expected one JSON object (shape [1])", "parameters")
         try:
             params = json.loads(tensors["parameters"][0])
-        except json.JSONDecodeError as err:
-            raise bad_request("invalid_field", f"not valid JSON ({err})", "parameters") from None
+        except (ValueError, RecursionError) as err:  # JSONDecodeError, an int over 4300 digits, deep nesting
+            raise bad_request("invalid_field", f"not valid JSON ({type(err).__name__}: {str(err)[:200]})",
+                              "parameters") from None
         if not isinstance(params, dict):
             raise bad_request("invalid_field", "must be a JSON object", "parameters")
     for key in ("prompt", "instances"):

@@ -87,7 +87,8 @@ class GenerationRequest:
         return (self.height, self.width, self.num_inference_steps, len(self.identities), self.guidance_scale > 1.0)
 
 
-def _path(loc: tuple[Any, ...]) -> str:
+def field_path(loc: tuple[Any, ...]) -> str:
+    """A pydantic error location -> the dotted/indexed field name errors report (``identities[0].bbox``)."""
     out = ""
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
@@ -181,7 +182,7 @@ class RequestSchema:
     def _error(self, err: ValidationError, namer: FieldNamer) -> ServingError:
         problems = err.errors(include_url=False)
         e = problems[0]
-        path = _path(tuple(e["loc"]))
+        path = field_path(tuple(e["loc"]))
         kind, got = e["type"], e.get("input")
         if kind == "extra_forbidden":
             owner = self.identity_model if "identities" in path else self.instance_model
@@ -202,7 +203,7 @@ class RequestSchema:
         else:
             reason, msg = "invalid_field", f"{e['msg']} (got {type(got).__name__})"
         if len(problems) > 1:
-            others = ", ".join(namer(_path(tuple(p["loc"]))) for p in problems[1:4])
+            others = ", ".join(namer(field_path(tuple(p["loc"]))) for p in problems[1:4])
             msg += f" (and {len(problems) - 1} more: {others})"
         return bad_request(reason, msg, namer(path))
 
@@ -241,4 +242,5 @@ def identity_index(message: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-__all__ = ["Limits", "RequestSchema", "GenerationRequest", "IdentityRequest", "identity_index", "SEED_LIMIT"]
+__all__ = ["Limits", "RequestSchema", "field_path", "GenerationRequest", "IdentityRequest", "identity_index",
+           "SEED_LIMIT"]
