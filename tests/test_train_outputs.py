@@ -121,6 +121,17 @@ def test_stage_outputs_for_dvc(chain):
         json.loads((root / "runs" / "anchor" / "metrics.json").read_text()))
     assert {"heldout_dist_pred", "heldout_dist_source", "imr_gain", "imr_win_rate"} <= set(
         json.loads((root / "runs" / "reconfigure" / "metrics.json").read_text()))
+    # stage 1 trained from its frozen-feature cache: one complete cache of exactly the training images
+    from components.shards import PreparedData
+    from components.train.data import holdout_split
+
+    caches = list((root / "runs" / "anchor" / "feature_cache").iterdir())
+    assert len(caches) == 1 and (caches[0] / "meta.json").exists()
+    meta = json.loads((caches[0] / "meta.json").read_text())
+    params = _params(root)
+    split = holdout_split(PreparedData(params.data.prepared), params.train.holdout_per_identity)
+    assert meta["positions"] == split.train and meta["world"] == 1 and meta["dtype"] == "fp32"
+    assert not set(meta["positions"]) & set(split.heldout)
     rec = list(csv.DictReader(open(root / "runs" / "reconfigure" / "loss.tsv"), delimiter="\t"))
     assert all(r["feature"] and r["denoise"] and not r["contrastive"] for r in rec)  # contrastive_weight 0
     assert (root / "runs" / "base" / "vae_loss.tsv").exists()

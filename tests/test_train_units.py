@@ -194,7 +194,7 @@ def _anchor_batch(prepared, data, slots, **drops):
     ds = AnchorSamples(prepared, split.train, seed=0, resolution=64, drop_text=0.0, drop_id=0.0, drop_both=0.0)
     batch = collate([ds[s] for s in slots])
     for k, v in drops.items():
-        batch[k] = torch.tensor(v)
+        batch[k] = list(v)
     return batch
 
 
@@ -277,6 +277,171 @@ def test_gradient_checkpointing_gives_the_same_gradients(backbone, tiny_params, 
     assert plain.keys() == ckpt.keys()
     for n in plain:
         assert torch.allclose(plain[n], ckpt[n], rtol=1e-4, atol=1e-7), n
+
+
+# --------------------------------------------------------------------------- frozen-feature cache
+
+
+@pytest.fixture(scope="module")
+def feature_cache(tmp_path_factory, tiny_params, prepared, data):
+    """The training images' cache, built once for the module (frozen encoders only: any backbone will do)."""
+    from model.loading import load_backbone_for
+
+    bb = load_backbone_for(tiny_params.model, tiny_params.storage.cache_dir)
+    return _build_cache(bb, prepared, data, tmp_path_factory.mktemp("features"),
+                        holdout_split(data, per_identity=0).train)
+
+
+def _build_cache(backbone, prepared, data, out, positions, *, rank=0, world=1, key="k"):
+    from components.train.feature_cache import FeatureCache, build_feature_cache, prepared_samples
+
+    dist = DistInfo(rank=rank, local_rank=rank, world_size=world, device=torch.device("cpu"))
+    mine = positions[rank::world]
+    path = build_feature_cache(out, key, positions, prepared_samples(prepared, mine, 64, 3, 0), backbone, dist)
+    return FeatureCache(path) if rank == 0 else path
+
+
+def test_cached_step_is_the_uncached_objective(backbone, tiny_params, prepared, data, feature_cache):
+    """Cached moments + a fresh posterior draw, cached CLIP/text features, and the cached
+    unconditional inputs for dropped rows give the loss (and gradients) of the step that runs
+    every frozen encoder, sample for sample."""
+    from components.train.tasks import AnchorTask
+
+    split = holdout_split(data, per_identity=0)
+    cache = feature_cache
+    task = AnchorTask(backbone, _dyn(backbone, tiny_params), tiny_params.model, seed=3)
+    task.use_cached_features(cache.constants())
+    slots = [0, 5, 9, 14]
+    drops = dict(drop_text=[False, True, False, True], drop_id=[False, False, True, True])
+    plain = _anchor_batch(prepared, data, slots, **drops)
+    ds = AnchorSamples(prepared, split.train, seed=0, resolution=64, drop_text=0.0, drop_id=0.0, drop_both=0.0,
+                       cache=cache)
+    cached = collate([ds[s] for s in slots])
+    cached.update(drops)
+    h = 64 // backbone.vae_scale_factor
+    assert "pixels" not in cached and cached["moments"].shape == (4, 2 * backbone.vae.config.latent_channels, h, h)
+    assert cached["slot"] == slots  # host keys stay lists
+
+    def run(batch):
+        task.zero_grad(set_to_none=True)
+        loss, _ = task(batch)
+        loss.backward()
+        return float(loss.detach()), {n: p.grad.clone() for n, p in task.named_parameters() if p.requires_grad}
+
+    calls = _Calls(vae=backbone.vae.encoder, text=backbone.text_encoder, clip=backbone.image_encoder)
+    try:
+        loss_c, grad_c = run(cached)
+    finally:
+        calls.close()
+    assert sum(calls.count.values()) == 0  # no frozen encoder ran
+    loss_p, grad_p = run(plain)
+    assert loss_c == pytest.approx(loss_p, rel=1e-5)
+    for n in grad_p:
+        assert torch.allclose(grad_c[n], grad_p[n], rtol=1e-3, atol=1e-6), n
+    # the posterior is sampled each step, not frozen: other slots (other draws) of the same images differ
+    again = collate([ds[s] for s in slots])
+    again.update(drops, slot=[s + 1000 for s in slots])
+    with torch.no_grad():
+        assert float(task(again)[0]) != pytest.approx(loss_c, rel=1e-4)
+
+
+def test_cached_posterior_sample_matches_diffusers(backbone):
+    """posterior_sample reproduces DiagonalGaussianDistribution.sample for the same draw (logvar clamp included)."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    from components.train.losses import SampleRandom, posterior_sample
+
+    g = torch.Generator().manual_seed(0)
+    moments = torch.randn(3, 8, 5, 5, generator=g) * 4
+    moments[0, 4:] = -50.0  # clamped logvar
+    got = posterior_sample(moments, SampleRandom([7, 8, 9]), 0.5)
+    eps = torch.stack([torch.randn(1, 4, 5, 5, generator=torch.Generator().manual_seed(s)) for s in (7, 8, 9)])[:, 0]
+    dist = DiagonalGaussianDistribution(moments)
+    assert torch.allclose(got, (dist.mean + dist.std * eps) * 0.5, atol=1e-6)
+
+
+def test_cache_shards_by_rank_and_is_reused_only_for_the_same_inputs(backbone, prepared, data, tmp_path,
+                                                                    feature_cache):
+    from components.train.feature_cache import FeatureCache, cache_key, open_or_build, prepared_samples
+
+    positions = holdout_split(data, per_identity=1).train[::3]  # 3 identities x 3 images, every third: 3
+    single = feature_cache
+    # two ranks (no process group: barriers are no-ops): rank 1 writes only its own rows, and
+    # the cache is complete (meta.json) only once rank 0 has finished too
+    _build_cache(backbone, prepared, data, tmp_path / "two", positions, rank=1, world=2)
+    assert not (tmp_path / "two" / "k" / "meta.json").exists()
+    assert sorted(p.name for p in (tmp_path / "two" / "k").glob("r*.npy")) == [
+        "r1-clip.npy", "r1-embedding.npy", "r1-moments.npy", "r1-text.npy"]
+    two = _build_cache(backbone, prepared, data, tmp_path / "two", positions, rank=0, world=2)
+    assert two.world == 2 and len(two) == len(positions)
+    for p in positions:
+        a, b = single.row(p), two.row(p)
+        assert a.keys() == b.keys()  # other batch groupings: equal up to float summation order
+        assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5) for k in a), p
+    # what is stored is what the encoders give
+    from model.dynamicid import clip_image_features, text_embeddings
+    from components.train.data import image_tensor
+
+    s = data.sample(positions[3])
+    row = single.row(positions[3])
+    assert torch.allclose(row["clip"], clip_image_features(backbone, image_tensor(s.face_crop)[None])[0], atol=1e-6)
+    assert torch.allclose(row["text"], text_embeddings(backbone, [s.caption])[0][0], atol=1e-6)
+    assert torch.equal(row["embedding"], torch.from_numpy(s.embedding))
+    const = single.constants()
+    assert torch.allclose(const.empty_text, text_embeddings(backbone, [""])[0][0], atol=1e-6)
+    # bf16 survives storage bit for bit
+    from components.train.feature_cache import _store
+
+    x = torch.randn(2, 3).to(torch.bfloat16)
+    assert torch.equal(torch.from_numpy(_store(x).view("int16")).view(torch.bfloat16), x)
+
+    dist = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    key = lambda res: cache_key(encoders=[(backbone.base_dir, ["vae", "text_encoder"])], data_hash="d",  # noqa: E731
+                                positions=positions, resolution=res, dtype=torch.float32)
+    assert key(64) == key(64) and key(64) != key(32)
+    built = []
+
+    def batches(mine):
+        built.append(len(mine))
+        return prepared_samples(prepared, mine, 64, 4, 0)
+
+    out = tmp_path / "stage"
+    first, reused = open_or_build(out, key(64), positions, batches, backbone, dist)
+    second, reused2 = open_or_build(out, key(64), positions, batches, backbone, dist)
+    assert (reused, reused2) == (False, True) and built == [len(positions)]
+    (out / key(64) / "meta.json").unlink()  # killed before completion: rebuilt
+    _, reused3 = open_or_build(out, key(64), positions, batches, backbone, dist)
+    assert reused3 is False and len(built) == 2
+    _, reused4 = open_or_build(out, key(32), positions, batches, backbone, dist)  # other inputs: a new cache
+    assert reused4 is False and sorted(p.name for p in out.iterdir()) == [key(32)]
+    assert isinstance(FeatureCache(out / key(32)), FeatureCache)
+
+
+def test_cached_step_reads_no_tensor_on_the_host(backbone, tiny_params, prepared, data, feature_cache, monkeypatch):
+    """Nothing in the cached stage-1 step (forward and backward) pulls a tensor value to the host:
+    on a GPU each of these would wait for the device (seeds, drop flags, masks come from host lists)."""
+    from components.train.tasks import AnchorTask
+
+    split = holdout_split(data, per_identity=0)
+    cache = feature_cache
+    task = AnchorTask(backbone, _dyn(backbone, tiny_params), tiny_params.model, seed=0)
+    task.use_cached_features(cache.constants())
+    ds = AnchorSamples(prepared, split.train, seed=0, resolution=64, drop_text=0.3, drop_id=0.3, drop_both=0.3,
+                       cache=cache)
+    batch = collate([ds[s] for s in range(6)])
+    task(batch)  # first step: the SAA context builds its masks once
+
+    def forbidden(name):
+        def f(*a, **k):
+            raise AssertionError(f"host read in the step: Tensor.{name}")
+        return f
+
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden(name))
+    loss, parts = task(batch)
+    loss.backward()
+    monkeypatch.undo()
+    assert torch.isfinite(loss) and set(parts) == {"loss"}
 
 
 def _pairs_batch(prepared, data, slots, landmark_size):

@@ -71,6 +71,14 @@ class TrainParams(StrictModel):
     warmup_min_ratio: float = Field(0.0, ge=0, le=1, description="lr of the first warm-up step as a fraction of lr")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine schedule floor as a fraction of lr")
     gradient_checkpointing: bool = Field(False, description="recompute UNet activations in backward (saves memory)")
+    compile_unet: Literal["auto", "on", "off"] = Field(
+        "auto", description="stage 1: torch.compile the UNet for gradient steps (auto = on CUDA only; minutes of "
+        "compilation at the first step, then ~1.5x faster steps at SD1.5 size, docs/benchmarks.md)"
+    )
+    cache_features: bool = Field(
+        True, description="stage 1: encode every training image once (VAE posterior, CLIP face features, text) before "
+        "the first step, reuse the cache on resume, and keep the frozen encoders off the GPU while training"
+    )
     seed: int = 0
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes per training process")
     holdout_per_identity: int = Field(

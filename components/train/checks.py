@@ -67,7 +67,7 @@ def id_token_check(task: "AnchorTask", data: "PreparedData", positions: list[int
         text, _ = text_embeddings(bb, [s.caption for s in samples])
         tokens = task.face_tokens(emb, crops)  # [B, K, D]
         for r in range(repeats):
-            rand = SampleRandom([noise_seed(seed, _CHECK_STREAM + p * repeats + r) for p in chunk])
+            rand = SampleRandom([noise_seed(seed, _CHECK_STREAM + p * repeats + r) for p in chunk], bb.vae.device)
             latents = encode_latents(bb.vae, pixels, rand)
             noisy, t, target = noised(bb.scheduler, latents, rand)
             with_id.append(per_sample_mse(task.predict(noisy, t, text, tokens), target).cpu())

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     import torch
 
     from components.shards import PreparedData, Sample
+    from components.train.feature_cache import FeatureCache
 
 # Distinct streams of the per-slot generators (order, sample choices, noise).
 _ORDER, _CHOICE, _NOISE = 1, 2, 3
@@ -161,22 +162,35 @@ class AnchorSamples(SlotDataset):
 
     One uniform draw u per sample: u < p_text drops the text, the next p_id the ID, the next
     p_both both; so each case has exactly its configured probability.
+
+    With a ``FeatureCache`` (``train.cache_features``) an item carries the frozen encoders'
+    outputs for its image (``moments``, ``clip``, ``text``, ``embedding``) instead of pixels, crop
+    and caption: the shards are not opened at all, and the drop flags are the same draws.
     """
 
     def __init__(self, root, positions: list[int], seed: int, resolution: int,
-                 drop_text: float, drop_id: float, drop_both: float):
+                 drop_text: float, drop_id: float, drop_both: float, cache: "FeatureCache | None" = None):
         super().__init__(root, positions, seed)
         self.resolution = resolution
         self.p = (drop_text, drop_id, drop_both)
+        self.cache = cache
+        if cache is not None:
+            missing = [p for p in positions if p not in cache]
+            if missing:
+                raise ValueError(f"feature cache {cache.root} lacks {len(missing)} training positions")
+
+    def drops(self, rng: np.random.Generator) -> tuple[bool, bool]:
+        pt, pi, pb = self.p
+        u = float(rng.random())
+        return u < pt or pt + pi <= u < pt + pi + pb, pt <= u < pt + pi + pb
 
     def item(self, position: int, rng: np.random.Generator) -> dict[str, Any]:
         import torch
 
+        drop_text, drop_id = self.drops(rng)
+        if self.cache is not None:
+            return {**self.cache.row(position), "drop_text": drop_text, "drop_id": drop_id}
         s = self.data.sample(position)
-        pt, pi, pb = self.p
-        u = float(rng.random())
-        drop_text = u < pt or pt + pi <= u < pt + pi + pb
-        drop_id = pt <= u < pt + pi + pb
         return {
             "pixels": image_tensor(s.pixels, self.resolution),
             "caption": s.caption,
@@ -235,11 +249,17 @@ class MotionPairs(SlotDataset):
         }
 
 
+# Per-sample values the step reads on the host: they stay Python lists through collate and
+# to_device, so that reading them never waits for the GPU.
+HOST_KEYS = frozenset({"slot", "drop_text", "drop_id"})
+
+
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """default_collate, except that per-sample string lists stay lists of lists (not transposed)."""
+    """default_collate, except that per-sample string lists stay lists of lists (not transposed)
+    and the host keys (slot, drop flags) stay plain lists."""
     from torch.utils.data import default_collate
 
-    lists = {k for k, v in items[0].items() if isinstance(v, list)}
+    lists = {k for k, v in items[0].items() if isinstance(v, list) or k in HOST_KEYS}
     out = default_collate([{k: v for k, v in it.items() if k not in lists} for it in items])
     for k in lists:
         out[k] = [it[k] for it in items]
@@ -250,3 +270,25 @@ def to_device(batch: dict[str, Any], device: "torch.device") -> dict[str, Any]:
     import torch
 
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def host_list(values: Any) -> list:
+    """Per-sample host values as a list (a CPU tensor is read without a device round trip)."""
+    import torch
+
+    if isinstance(values, torch.Tensor):
+        return values.tolist()
+    return list(values)
+
+
+def device_flags(values: Any, device: "torch.device") -> "torch.Tensor":
+    """[B] bool mask on ``device`` from host flags: staged through pinned memory and copied
+    asynchronously, so the host does not wait for the GPU (a pageable copy would)."""
+    import torch
+
+    if isinstance(values, torch.Tensor) and values.device == torch.device(device):
+        return values.bool()
+    flags = torch.tensor(host_list(values), dtype=torch.bool)
+    if torch.device(device).type == "cuda":
+        flags = flags.pin_memory()
+    return flags.to(device, non_blocking=True)

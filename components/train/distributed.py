@@ -48,6 +48,17 @@ class DistInfo:
         if dist.is_initialized() and self.world_size > 1:
             dist.barrier()
 
+    def min_max(self, value: int) -> tuple[int, int]:
+        """The smallest and largest ``value`` over all processes (collective), to check that they agree."""
+        import torch
+        import torch.distributed as dist
+
+        if not dist.is_initialized() or self.world_size == 1:
+            return value, value
+        both = torch.tensor([value, -value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(both, op=dist.ReduceOp.MAX)
+        return -int(both[1]), int(both[0])
+
 
 def under_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import torch
 
 from components.cli import UserError
-from components.train.checkpoints import DS_TAG, CheckpointStore
+from components.train.checkpoints import DS_TAG, CheckpointRef, CheckpointStore
 from components.train.data import SlotBatches, collate, to_device
 from components.train.deepspeed_config import deepspeed_config
 from components.train.distributed import DistInfo
@@ -86,6 +86,18 @@ def _check_resume(state: dict[str, Any], want: dict[str, Any], where: Path) -> N
                         "micro_batch, grad_accum, seed and number of processes, or start fresh without --resume)")
 
 
+def resume_point(store: CheckpointStore, dist: DistInfo, resume: bool) -> CheckpointRef | None:
+    """The checkpoint every process resumes from (collective). Each process picks the newest complete one
+    itself; if they disagree (several machines, each with its own disk) they would train different runs, so
+    all of them stop with the same error instead."""
+    ref = store.latest() if resume else None
+    lo, hi = dist.min_max(ref.step if ref is not None else 0)
+    if lo != hi:
+        raise UserError(f"the processes see different checkpoints in {store.root} (steps {lo} to {hi}): "
+                        "the stage's output must be on storage every process sees (a ReadWriteMany volume)")
+    return ref
+
+
 def fit(task: "Task", dataset, spec: FitSpec, *, params: "Params", dist: DistInfo, resume: bool,
         max_steps: int | None, tracker: "StageTracker") -> FitResult:
     import deepspeed
@@ -99,7 +111,7 @@ def fit(task: "Task", dataset, spec: FitSpec, *, params: "Params", dist: DistInf
     start = 0
     identity = {"steps": spec.steps, "lr": spec.lr, "seed": train.seed, "world_size": dist.world_size,
                 "global_batch": global_batch(spec.stage, dist.world_size)}
-    ref = spec.store.latest() if resume else None
+    ref = resume_point(spec.store, dist, resume)
     if ref is not None:
         _check_resume(ref.state(), identity, ref.path)
         path, _ = engine.load_checkpoint(str(ref.deepspeed_dir), tag=DS_TAG, load_module_strict=False)
@@ -109,6 +121,8 @@ def fit(task: "Task", dataset, spec: FitSpec, *, params: "Params", dist: DistInf
         if engine.global_steps != start:
             raise UserError(f"{ref.path}: DeepSpeed state is at step {engine.global_steps}, state.json says {start}")
         log.info("resumed %s at step %d from %s", task.name, start, ref.path)
+        if dist.is_main:  # after the collective above no process is still choosing a checkpoint
+            spec.store.remove_leftovers()
     else:
         # DeepSpeed's WarmupCosineLR gives 0 before its first step(); advance it once so that
         # optimizer step s uses the schedule's value s (the checkpoint keeps this alignment).

@@ -306,6 +306,36 @@ def _check_embeddings(data: "PreparedData", dims, params: "Params") -> None:
                         "the same face backend")
 
 
+def anchor_feature_cache(run: StageRun, bb, base: Path, enc: Path | None, root: Path, data: "PreparedData",
+                         positions: list[int], resolution: int):
+    """The stage-1 feature cache under ``<output>/feature_cache`` (built now, or reused), see
+    components/train/feature_cache.py. Batches of ``micro_batch`` x 2 images per encoder call."""
+    from components.train.feature_cache import cache_key, open_or_build, prepared_samples
+
+    params, dist = run.params, run.dist
+    image_encoder = (enc, [""]) if enc is not None else (base, ["image_encoder"])
+    key = cache_key(encoders=[(base, ["vae", "text_encoder", "tokenizer"]), image_encoder],
+                    data_hash=str(data.manifest.get("data_hash", "")), positions=positions, resolution=resolution,
+                    dtype=bb.vae.dtype)
+    size = max(1, 2 * run.sp.micro_batch)
+    cache, _ = open_or_build(
+        run.out / "feature_cache", key, positions,
+        lambda mine: prepared_samples(root, mine, resolution, size, params.train.num_workers), bb, dist)
+    return cache
+
+
+def _with_encoders(bb, device: torch.device, fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` wrapped so that the frozen encoders are on ``device`` while it runs (they live on the
+    host while stage-1 steps train from cached features)."""
+    from components.train.feature_cache import encoders_on
+
+    def call(*args):
+        with encoders_on(bb, device):
+            return fn(*args)
+
+    return call
+
+
 def run_dynamicid_stage(run: StageRun) -> dict[str, float]:
     from components.train.checks import id_token_check, imr_check, motion_pairs
     from components.train.data import AnchorSamples, MotionPairs
@@ -358,11 +388,23 @@ def run_dynamicid_stage(run: StageRun) -> dict[str, float]:
         bb.unet.enable_gradient_checkpointing()
     bundle = base if params.model.profile == "tiny" else None
 
+    cached = run.stage == "anchor" and train.cache_features
     if run.stage == "anchor":
-        task = AnchorTask(bb, dyn, params.model, train.seed)
-        dataset = AnchorSamples(root, split.train, train.seed, res, train.drop_text, train.drop_id, train.drop_both)
+        compile_unet = train.compile_unet == "on" or (train.compile_unet == "auto" and dist.device.type == "cuda")
+        task = AnchorTask(bb, dyn, params.model, train.seed, compile_unet=compile_unet)
+        cache = None
+        if cached:
+            cache = anchor_feature_cache(run, bb, base, enc, root, data, split.train, res)
+            task.use_cached_features(cache.constants(dist.device))
+            from components.train.feature_cache import offload
+
+            offload(bb)  # no frozen encoder runs in a step now
+        dataset = AnchorSamples(root, split.train, train.seed, res, train.drop_text, train.drop_id, train.drop_both,
+                                cache=cache)
         shown = spread(data, split.heldout or split.train, train.sample_count)
         sample = lambda step: anchor_grid(task, data, shown, params)  # noqa: E731
+        if cached:
+            sample = _with_encoders(bb, dist.device, sample)
         columns = ("loss", "lr", "samples_per_s")
     else:
         rp = params.train.reconfigure
@@ -408,8 +450,9 @@ def run_dynamicid_stage(run: StageRun) -> dict[str, float]:
             if n_check:
                 task.eval()
                 if run.stage == "anchor":
-                    metrics.update(id_token_check(task, data, split.heldout[:n_check], resolution=res,
-                                                  repeats=train.check_repeats, seed=train.seed))
+                    check = lambda: id_token_check(task, data, split.heldout[:n_check], resolution=res,  # noqa: E731
+                                                   repeats=train.check_repeats, seed=train.seed)
+                    metrics.update(_with_encoders(bb, dist.device, check)() if cached else check())
                 else:
                     metrics.update(imr_check(task, data, pairs))
             _finish(run, tracker, metrics, final)

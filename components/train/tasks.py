@@ -5,6 +5,13 @@ frozen ones of the other stage) and keeps the frozen backbone as a plain attribu
 engine never casts, broadcasts or checkpoints the base models. ``forward(batch)`` returns
 (loss, {name: detached value}) for one micro-batch; every frozen encoder runs once per batch,
 on the concatenation of everything that needs it.
+
+A step never waits for the GPU: per-sample random draws come from generators on the device
+(``losses.SampleRandom``), the slots and drop flags stay host lists (``data.HOST_KEYS``) and
+reach the device as masks through pinned asynchronous copies, the SAA context (whose region
+masks are built on the host once) is reused across steps, and the returned values are
+detached device tensors. With cached frozen features (``feature_cache``) stage 1 runs no
+frozen encoder at all.
 """
 
 from __future__ import annotations
@@ -14,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from components.train.data import noise_seed
-from components.train.losses import SampleRandom, encode_latents, mse, noised
+from components.train.data import device_flags, host_list, noise_seed
+from components.train.losses import SampleRandom, encode_latents, mse, noised, posterior_sample
 from model.backbone import Backbone
 from model.dynamicid import DynamicID, clip_image_features, text_embeddings
 
@@ -27,9 +34,10 @@ class Task(nn.Module):
     export_parts: tuple[str, ...] = ()
     seed = 0
 
-    def sample_random(self, batch: dict[str, Any]) -> SampleRandom:
-        """Per-sample generators keyed by each sample's slot (see losses.py)."""
-        return SampleRandom([noise_seed(self.seed, int(s)) for s in batch["slot"].tolist()])
+    def sample_random(self, batch: dict[str, Any], device: torch.device | None = None) -> SampleRandom:
+        """Per-sample generators keyed by each sample's slot (see losses.py), on the step's device."""
+        return SampleRandom([noise_seed(self.seed, int(s)) for s in host_list(batch["slot"])],
+                            self.device if device is None else device)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -42,26 +50,41 @@ class Task(nn.Module):
 class DynamicIDTask(Task):
     """Shared by both stages: the frozen backbone and DynamicID with SAA installed in its UNet."""
 
-    def __init__(self, backbone: Backbone, dyn: DynamicID, model_params, seed: int):
+    def __init__(self, backbone: Backbone, dyn: DynamicID, model_params, seed: int, compile_unet: bool = False):
         super().__init__()
         self.backbone = backbone  # a dataclass, not a Module: stays out of the engine
         self.dyn = dyn
         self.saa = model_params.saa
         self.seed = seed
+        self._contexts: dict[tuple[int, int], Any] = {}
+        # torch.compile'd UNet for gradient steps (``train.compile_unet``): at SD1.5 size an eager
+        # step launches ~5,500 kernels and is bound by the host, not the GPU. Kept out of the
+        # module tree (a registered OptimizedModule would hand the frozen UNet to DeepSpeed).
+        self.__dict__["_compiled_unet"] = torch.compile(backbone.unet) if compile_unet else None
 
     def id_context(self, latent_hw: tuple[int, int]):
+        """One IDContext per latent size, reused by every step: it caches its region masks, which
+        are built on the host and copied to the device once instead of every forward."""
         from model.saa import IDContext
 
-        return IDContext(num_ids=1, num_tokens=self.dyn.dims.num_tokens, latent_hw=tuple(latent_hw), id_scale=1.0,
-                         gating=self.saa.gating, tau=self.saa.tau, boost=self.saa.boost)
+        hw = (int(latent_hw[0]), int(latent_hw[1]))
+        if hw not in self._contexts:
+            self._contexts[hw] = IDContext(num_ids=1, num_tokens=self.dyn.dims.num_tokens, latent_hw=hw,
+                                           id_scale=1.0, gating=self.saa.gating, tau=self.saa.tau,
+                                           boost=self.saa.boost)
+        return self._contexts[hw]
 
     def predict(self, noisy: torch.Tensor, t: torch.Tensor, text: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """UNet output for encoder states [text (77) ; ID tokens (K)]: [B, C, h, w]."""
         unet = self.backbone.unet
         states = torch.cat([text.to(unet.dtype), tokens.to(unet.dtype)], dim=1)  # [B, 77 + K, D]
         ctx = self.id_context(noisy.shape[-2:])
-        return unet(noisy.to(unet.dtype), t, encoder_hidden_states=states,
-                    cross_attention_kwargs={"id_context": ctx}).sample
+        # the compiled UNet only where gradients flow: checks and reference branches under no_grad
+        # would each compile another graph for a few calls
+        call = self.__dict__["_compiled_unet"] if torch.is_grad_enabled() else None
+        run = unet if call is None else call  # (an OptimizedModule has no truth value)
+        return run(noisy.to(unet.dtype), t, encoder_hidden_states=states,
+                   cross_attention_kwargs={"id_context": ctx}).sample
 
     def face_tokens(self, embedding: torch.Tensor, crops: torch.Tensor,
                     keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -75,6 +98,10 @@ class DynamicIDTask(Task):
             crops = crops * k[:, None, None, None]
             embedding = embedding * k[:, None].to(embedding.dtype)
         clip = clip_image_features(self.backbone, crops)  # [B, L, clip_dim], no grad
+        return self.encode_faces(embedding, clip)
+
+    def encode_faces(self, embedding: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
+        """Trainable face encoder on [B, D] embeddings and [B, L, clip_dim] CLIP features -> [B, K, width]."""
         fe = self.dyn.face_encoder
         dtype = fe.id_norm.weight.dtype
         return fe(embedding.to(device=clip.device, dtype=dtype), clip.to(dtype))
@@ -86,18 +113,47 @@ class AnchorTask(DynamicIDTask):
     name = "anchor"
     export_parts = ("saa", "face_encoder")
 
-    def __init__(self, backbone: Backbone, dyn: DynamicID, model_params, seed: int):
-        super().__init__(backbone, dyn, model_params, seed)
+    def __init__(self, backbone: Backbone, dyn: DynamicID, model_params, seed: int, compile_unet: bool = False):
+        super().__init__(backbone, dyn, model_params, seed, compile_unet)
         dyn.requires_grad_(False)
         dyn.face_encoder.requires_grad_(True)
         dyn.saa.requires_grad_(True)
+        self.constants = None  # feature_cache.CachedConstants once features are cached
+
+    def use_cached_features(self, constants) -> None:
+        """Batches will carry cached encoder outputs; ``constants`` are the unconditional inputs."""
+        self.constants = constants
 
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        rand = self.sample_random(batch)
+        if "moments" in batch:
+            return self.forward_cached(batch)
+        device = self.device
+        rand = self.sample_random(batch, device)
         latents = encode_latents(self.backbone.vae, batch["pixels"], rand)  # [B, C, h, w]
-        captions = ["" if drop else c for c, drop in zip(batch["caption"], batch["drop_text"].tolist())]
+        captions = ["" if drop else c for c, drop in zip(batch["caption"], host_list(batch["drop_text"]))]
         text, _ = text_embeddings(self.backbone, captions)  # [B, 77, D]
-        tokens = self.face_tokens(batch["embedding"], batch["face_crop"], keep=~batch["drop_id"])  # [B, K, D]
+        keep = ~device_flags(batch["drop_id"], batch["face_crop"].device)
+        tokens = self.face_tokens(batch["embedding"], batch["face_crop"], keep=keep)  # [B, K, D]
+        noisy, t, target = noised(self.backbone.scheduler, latents, rand)
+        loss = mse(self.predict(noisy, t, text, tokens), target)
+        return loss, {"loss": loss.detach()}
+
+    def forward_cached(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The same objective from cached encoder outputs: a fresh posterior sample of the cached
+        moments, the cached empty prompt for dropped text, zero embedding + black-crop CLIP
+        features for a dropped ID (exactly what the encoders give for those inputs)."""
+        if self.constants is None:
+            raise RuntimeError("batch has cached features but use_cached_features() was not called")
+        moments = batch["moments"]  # [B, 2C, h, w]
+        device = moments.device
+        rand = self.sample_random(batch, device)
+        latents = posterior_sample(moments, rand, self.backbone.vae.config.scaling_factor)  # [B, C, h, w]
+        drop_text = device_flags(batch["drop_text"], device)[:, None, None]  # [B, 1, 1]
+        text = torch.where(drop_text, self.constants.empty_text.to(batch["text"].dtype), batch["text"])  # [B, 77, D]
+        drop_id = device_flags(batch["drop_id"], device)
+        clip = torch.where(drop_id[:, None, None], self.constants.black_clip.to(batch["clip"].dtype), batch["clip"])
+        embedding = batch["embedding"] * (~drop_id)[:, None].to(batch["embedding"].dtype)  # [B, D]
+        tokens = self.encode_faces(embedding, clip)  # [B, K, D]
         noisy, t, target = noised(self.backbone.scheduler, latents, rand)
         loss = mse(self.predict(noisy, t, text, tokens), target)
         return loss, {"loss": loss.detach()}
