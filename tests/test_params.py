@@ -15,6 +15,7 @@ def test_defaults_are_the_embedded_profile():
     assert p.face.resolved_backend("tiny") == "dlib"
     assert p.face.resolved_backend("sd15") == "insightface"
     assert p.model.active is p.model.tiny
+    assert p.model.saa.gating is True  # query gating on by default (the research release has it off)
 
 
 def test_unknown_key_names_path_and_allowed_keys():
