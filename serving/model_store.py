@@ -65,7 +65,9 @@ def _download_registered(params, uri: str) -> Path:
                 shutil.rmtree(tmp, ignore_errors=True)
         return dest
     except MlflowException as err:
-        raise ModelSourceError(f"model_uri {uri!r} (registry {registry}): {err.message}") from None
+        from components.redact import redact_text  # the registry URI may carry user:password@
+
+        raise ModelSourceError(redact_text(f"model_uri {uri!r} (registry {registry}): {err.message}")) from None
 
 
 def resolve_model_dir(params, uri: str | None = None) -> Path:

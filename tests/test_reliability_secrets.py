@@ -32,6 +32,25 @@ SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
               "MLFLOW_TRACKING_PASSWORD", "KF_PIPELINES_TOKEN")
 
 
+@pytest.fixture(autouse=True)
+def _restore_mlflow_globals():
+    """setup_mlflow sets mlflow's process-wide tracking/registry URIs and exports them to the
+    environment; a credentialed URI from these tests must not leak into later tests."""
+    import mlflow.tracking._model_registry.utils as registry_utils
+    import mlflow.tracking._tracking_service.utils as tracking_utils
+
+    names = ("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    env = {name: os.environ.get(name) for name in names}
+    saved = (tracking_utils._tracking_uri, registry_utils._registry_uri)
+    yield
+    tracking_utils._tracking_uri, registry_utils._registry_uri = saved
+    for name, value in env.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 def canaries(*names: str) -> dict[str, str]:
     """A fresh, unmistakable value per secret (long enough to count as a credential)."""
     return {n: f"cnry{uuid.uuid4().hex[:16]}" for n in names}
