@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-steps", type=int, default=8)
     p.add_argument("--train-warmup", type=int, default=3)
     p.add_argument("--train-profile", action="store_true", help="write torch.profiler tables of the training steps")
+    p.add_argument("--train-checkpointing", default="high_res",
+                   help="comma list of train.gradient_checkpointing modes timed with the compiled UNet "
+                        "(true, high_res; empty = none)")
     p.add_argument("--no-train-compile", action="store_true",
                    help="time the shipped trainer with an eager UNet (train.compile_unet: off): skips minutes of compiling")
     p.add_argument("--image-profile", action="store_true", help="write torch.profiler tables of whole images")
@@ -171,7 +174,9 @@ def evaluate(results: dict) -> list[dict]:
              ("project SAA, encoders every step", "release design", "both encoders every step"),
              ("project SAA", "release design, frozen features cached", "both cached"),
              ("project SAA, eager UNet", "release design", "trainer, eager UNet vs release"),
-             ("project SAA, eager UNet, gradient checkpointing", "release design", "eager + checkpointing vs release"))
+             ("project SAA, eager UNet, gradient checkpointing", "release design", "eager + checkpointing vs release"),
+             ("project SAA, high_res checkpointing", "release design", "trainer + high_res checkpointing vs release"),
+             ("project SAA, gradient checkpointing", "release design", "trainer + full checkpointing vs release"))
     for mine, theirs, label in pairs:
         p, rel = train.get(mine), train.get(theirs)
         if not (p and rel):
@@ -309,7 +314,9 @@ def main(argv: list[str] | None = None) -> int:
             rows, info = run_training(args.size, device, args.train_batch, 512 if args.size == "sd15" else 64,
                                       args.train_steps, args.train_warmup, log,
                                       profile_dir=out if args.train_profile else None,
-                                      compile_unet=not args.no_train_compile)
+                                      compile_unet=not args.no_train_compile,
+                                      compiled_checkpointing=tuple(m for m in args.train_checkpointing.split(",")
+                                                                   if m))
             results["rows"].extend(rows)
             results["train_info"] = info
         section("train", train)

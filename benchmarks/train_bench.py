@@ -5,8 +5,9 @@ The step is the trainer's own code: ``components.train.tasks.AnchorTask`` fed th
 DataLoader, ``to_device``) on SD1.5-size random-weight models, batch 8, 512 px, bf16 as the
 trainer runs it (frozen base and trainable parts in bf16, fp32 master weights and AdamW
 moments: what DeepSpeed's bf16 mode keeps; DeepSpeed itself is not installed on the benchmark
-machine, so a small equivalent optimizer stands in). Each step ends with the one host read the
-trainer's loop makes (the step's loss).
+machine, so a small equivalent optimizer stands in). Like the trainer's loop, the timed steps keep
+their losses on the device and read them on the host in one transfer at the end (the loop reads
+every ``train.log_every`` = 10 steps; 8 timed steps fit in one such burst).
 
 * "project SAA" is the trainer as shipped on a GPU (``train.cache_features: true``,
   ``train.compile_unet: auto``): the frozen-feature cache is built by the trainer's own pre-pass
@@ -14,6 +15,9 @@ trainer's loop makes (the step's loss).
   frozen encoders are offloaded to the host with the trainer's ``feature_cache.offload``, steps
   read the cache through ``AnchorSamples``, and the UNet is torch.compile'd by ``AnchorTask``
   (compilation time reported as ``compile_s``); "eager UNet" = ``train.compile_unet: off``;
+  "gradient checkpointing" = ``train.gradient_checkpointing: true`` (every UNet block), "high_res
+  checkpointing" = ``train.gradient_checkpointing: high_res`` (only the latent-resolution blocks),
+  both applied with the trainer's ``AnchorTask.set_gradient_checkpointing``;
 * "encoders every step" = ``train.cache_features: false`` (VAE, CLIP ViT-H/14, text encoder
   run in every step, what the release does);
 * the release design runs the very same task with the release's processors put into the UNet
@@ -155,7 +159,8 @@ def profile_steps(step: Callable[[], torch.Tensor], path, steps: int = 3) -> dic
 
 
 def run_training(size: str, device: torch.device, batch: int, res: int, steps: int, warmup: int,
-                 log: Callable, profile_dir=None, compile_unet: bool = True) -> tuple[list[dict], dict]:
+                 log: Callable, profile_dir=None, compile_unet: bool = True,
+                 compiled_checkpointing: tuple[str, ...] = ("high_res",)) -> tuple[list[dict], dict]:
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     from components.train.distributed import DistInfo
@@ -197,8 +202,8 @@ def run_training(size: str, device: torch.device, batch: int, res: int, steps: i
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
-        for _ in range(steps):
-            last = float(step())  # the trainer's loop reads every step's loss on the host
+        losses = [step() for _ in range(steps)]
+        last = float(torch.stack(losses).cpu()[-1])  # the loop's one host read per burst of steps
         sync()
         ms = (time.perf_counter() - t0) * 1e3 / steps
         peak = torch.cuda.max_memory_allocated(device) / GIB if cuda else None
@@ -211,7 +216,7 @@ def run_training(size: str, device: torch.device, batch: int, res: int, steps: i
             + (f", {extra['syncs_per_step']} syncs/step" if "syncs_per_step" in extra else ""))
         return row
 
-    def run_design(design: str, kind: str, precision: str, cache=None, checkpointing: bool = False,
+    def run_design(design: str, kind: str, precision: str, cache=None, checkpointing: bool | str = False,
                    compiled: bool = False) -> None:
         unet.set_attn_processor(AttnProcessor2_0())
         free(device)
@@ -227,9 +232,9 @@ def run_training(size: str, device: torch.device, batch: int, res: int, steps: i
         opt = (PlainAdamW if precision == "autocast" else MasterAdamW)(trainable, 1e-4, 1e-2, cuda)
         amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "autocast" and cuda)
         batches = TrainerBatches(samples, batch, res, device, cache=cache)
-        if checkpointing:
-            unet.enable_gradient_checkpointing()
-        extra: dict = {"precision": precision, "cached_features": cache is not None}
+        extra: dict = {"precision": precision, "cached_features": cache is not None,
+                       "gradient_checkpointing": checkpointing, "compiled_unet": compiled,
+                       "checkpointed_modules": len(task.set_gradient_checkpointing(checkpointing))}
         t0 = time.perf_counter()
         try:
             def step() -> torch.Tensor:
@@ -251,8 +256,9 @@ def run_training(size: str, device: torch.device, batch: int, res: int, steps: i
                 name = design.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
                 rows[-1].update(profile_steps(step, Path(profile_dir) / f"profile_train_{name}.txt"))
         finally:
-            if checkpointing:
-                unet.disable_gradient_checkpointing()
+            task.set_gradient_checkpointing(False)
+            if compiled:
+                torch._dynamo.reset()  # the next compiled design traces its own flags
             del opt, procs, trainable, task, batches
             unet.set_attn_processor(AttnProcessor2_0())
             dyn.face_encoder.to(dtype=dtype)
@@ -283,8 +289,15 @@ def run_training(size: str, device: torch.device, batch: int, res: int, steps: i
         run_design("project SAA, eager UNet", "project", "bf16", cache=cache)
         run_design("project SAA, eager UNet, gradient checkpointing", "project", "bf16", cache=cache,
                    checkpointing=True)
+        run_design("project SAA, eager UNet, high_res checkpointing", "project", "bf16", cache=cache,
+                   checkpointing="high_res")
         # the trainer as shipped on a GPU: cached features + train.compile_unet (auto = on for CUDA)
         run_design("project SAA", "project", "bf16", cache=cache, compiled=compile_unet and cuda)
+        for mode in compiled_checkpointing:  # compiled UNet + train.gradient_checkpointing
+            mode_value: bool | str = {"true": True, "false": False}.get(mode, mode)
+            label = "gradient checkpointing" if mode_value is True else f"{mode} checkpointing"
+            run_design(f"project SAA, {label}" + ("" if compile_unet and cuda else " (eager)"), "project", "bf16",
+                       cache=cache, checkpointing=mode_value, compiled=compile_unet and cuda)
     del backbone, unet, dyn
     free(device)
     return rows, info

@@ -279,6 +279,68 @@ def test_gradient_checkpointing_gives_the_same_gradients(backbone, tiny_params, 
         assert torch.allclose(plain[n], ckpt[n], rtol=1e-4, atol=1e-7), n
 
 
+def test_gradient_checkpointing_mode_is_validated():
+    assert TrainParams(gradient_checkpointing="high_res").gradient_checkpointing == "high_res"
+    assert TrainParams(gradient_checkpointing=True).gradient_checkpointing is True
+    assert TrainParams(gradient_checkpointing=False).gradient_checkpointing is False
+    auto = TrainParams()  # the default: high_res on CUDA (measured, docs/benchmarks.md), off on CPU
+    assert auto.gradient_checkpointing == "auto"
+    assert auto.checkpointing_for("cuda") == "high_res" and auto.checkpointing_for("cpu") is False
+    assert TrainParams(gradient_checkpointing=True).checkpointing_for("cpu") is True
+    with pytest.raises(ParamsError, match=r"train\.gradient_checkpointing"):
+        params_from_dict({"train": {"gradient_checkpointing": "mid_res"}})
+
+
+def test_high_res_checkpointing_wraps_only_the_latent_resolution_blocks(backbone, tiny_params, prepared, data):
+    """``high_res`` recomputes exactly the first down block and the last up block (their resnets
+    and transformer blocks run twice: forward and recomputation in backward; every other block
+    once) and gives the loss and gradients of the run without checkpointing."""
+    from components.train.tasks import AnchorTask
+
+    task = AnchorTask(backbone, _dyn(backbone, tiny_params), tiny_params.model, seed=0)
+    unet = backbone.unet
+    last_up = f"up_blocks.{len(unet.up_blocks) - 1}"
+    batch = _anchor_batch(prepared, data, [1, 2], drop_text=[False, False], drop_id=[False, False])
+    watched = {n: m for n, m in unet.named_modules()
+               if type(m).__name__ in ("ResnetBlock2D", "BasicTransformerBlock")}
+    calls: Counter = Counter()
+    # pre-hooks: a recomputation in backward stops once it has what backward needs (no forward hook)
+    hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: calls.update([n])) for n, m in watched.items()]
+
+    def grads():
+        task.zero_grad(set_to_none=True)
+        calls.clear()
+        loss, _ = task(batch)
+        loss.backward()
+        return float(loss.detach()), {n: p.grad.clone() for n, p in task.named_parameters() if p.requires_grad}
+
+    try:
+        plain_loss, plain = grads()
+        assert set(calls.values()) == {1}
+        on = task.set_gradient_checkpointing("high_res")
+        sel_loss, sel = grads()
+        sel_calls = dict(calls)
+        assert task.set_gradient_checkpointing(False) == [] and not unet.is_gradient_checkpointing
+    finally:
+        for h in hooks:
+            h.remove()
+    high = ("down_blocks.0.", last_up + ".")
+    assert {"down_blocks.0", last_up} <= set(on)  # the blocks (their resnets) and their transformers
+    assert all(n in ("down_blocks.0", last_up) or n.startswith(high) for n in on)
+    assert any(".attentions." in n for n in on)
+    twice = {n for n, c in sel_calls.items() if c == 2}
+    # recomputed in backward: every high-res module except the first resnet, which sees only the
+    # gradient-free noisy latents (frozen UNet), so it saves nothing and has nothing to recompute
+    assert twice == {n for n in watched if n.startswith(high)} - {"down_blocks.0.resnets.0"}
+    assert {n for n, c in sel_calls.items() if c == 1} == set(watched) - twice
+    assert any(".transformer_blocks." in n for n in twice) and any(".resnets." in n for n in twice)
+    assert len(twice) < len(watched)  # the lower levels keep their activations
+    assert sel_loss == pytest.approx(plain_loss, rel=1e-6)
+    assert plain.keys() == sel.keys()
+    for n in plain:
+        assert torch.allclose(plain[n], sel[n], rtol=1e-4, atol=1e-7), n
+
+
 # --------------------------------------------------------------------------- frozen-feature cache
 
 

@@ -70,7 +70,11 @@ class TrainParams(StrictModel):
     grad_clip: float = Field(1.0, ge=0, description="0 = no clipping")
     warmup_min_ratio: float = Field(0.0, ge=0, le=1, description="lr of the first warm-up step as a fraction of lr")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine schedule floor as a fraction of lr")
-    gradient_checkpointing: bool = Field(False, description="recompute UNet activations in backward (saves memory)")
+    gradient_checkpointing: bool | Literal["high_res", "auto"] = Field(
+        "auto", description="recompute UNet activations in backward (saves memory): true = every block, high_res = "
+        "only the blocks at the latent resolution (down_blocks.0, the last up block), whose activations dominate; "
+        "auto = high_res on CUDA (with the compiled UNet: less memory and no slower, docs/benchmarks.md), off on CPU"
+    )
     compile_unet: Literal["auto", "on", "off"] = Field(
         "auto", description="stage 1: torch.compile the UNet for gradient steps (auto = on CUDA only; minutes of "
         "compilation at the first step, then ~1.5x faster steps at SD1.5 size, docs/benchmarks.md)"
@@ -111,6 +115,12 @@ class TrainParams(StrictModel):
         if self.feature_weight + self.denoise_weight + self.contrastive_weight <= 0:
             raise ValueError("stage 2 needs a positive feature_weight, denoise_weight or contrastive_weight")
         return self
+
+    def checkpointing_for(self, device_type: str) -> bool | str:
+        """``gradient_checkpointing`` with ``auto`` resolved for the training device: False, True or "high_res"."""
+        if self.gradient_checkpointing == "auto":
+            return "high_res" if device_type == "cuda" else False
+        return self.gradient_checkpointing
 
     def stage(self, name: str) -> StageParams:
         if name not in ("base", "anchor", "reconfigure"):

@@ -105,6 +105,10 @@ def fit(task: "Task", dataset, spec: FitSpec, *, params: "Params", dist: DistInf
     from tqdm.auto import tqdm
 
     train = params.train
+    mode = train.checkpointing_for(dist.device.type)
+    ckpt = task.set_gradient_checkpointing(mode)  # the one place the mode is applied (resets earlier flags)
+    if ckpt:
+        log.info("gradient checkpointing (%s): %d UNet modules recompute activations in backward", mode, len(ckpt))
     cfg = deepspeed_config(train, spec.stage, device_type=dist.device.type, lr=spec.lr, steps=spec.steps)
     engine, _, _, scheduler = deepspeed.initialize(model=task, model_parameters=task.trainable_parameters(),
                                                    config=cfg, dist_init_required=False)
@@ -143,9 +147,31 @@ def fit(task: "Task", dataset, spec: FitSpec, *, params: "Params", dist: DistInf
     t_start = time.perf_counter()
     bar = tqdm(total=stop, initial=start, desc=f"train {task.name}", disable=not dist.is_main, dynamic_ncols=True,
                mininterval=1.0)
+    # Per-step values stay on the device until a flush (every log_every steps, before a checkpoint
+    # or a sample grid, at the end): one transfer for the whole burst instead of a host wait every
+    # step, so the host keeps queueing steps ahead of the GPU. Every step's row is still written.
+    pending: list[tuple[int, float, list[str], torch.Tensor]] = []  # (step, lr, keys, values [len(keys)])
+    t_mark = time.perf_counter()
+
+    def flush() -> dict[str, float]:
+        nonlocal busy
+        flat = torch.cat([v for *_, v in pending]).cpu().tolist()  # the burst's one host read
+        dt = (time.perf_counter() - t_mark) / len(pending)  # mean wall time per step of the burst
+        busy += dt * len(pending)
+        at = 0
+        for done, lr, keys, _ in pending:
+            record = dict(zip(keys, flat[at:at + len(keys)]))
+            at += len(keys)
+            record.update(lr=lr, samples_per_s=n_global / dt)
+            losses.append(record["loss"])
+            tracker.log_step(done, record, spec.table, spec.prefix)
+        bar.update(len(pending))
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
+        pending.clear()
+        return record
+
     batches = iter(loader)
     for step in range(start, stop):
-        t0 = time.perf_counter()
         lr = float(engine.get_lr()[0])
         sums: dict[str, torch.Tensor] = {}
         for _ in range(accum):
@@ -156,28 +182,27 @@ def fit(task: "Task", dataset, spec: FitSpec, *, params: "Params", dist: DistInf
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v.float()
         keys = sorted(sums)
-        values = torch.stack([sums[k] for k in keys]) / accum
+        values = torch.stack([sums[k] for k in keys]) / accum  # [len(keys)], on the device
         if dist.world_size > 1:
             torch.distributed.all_reduce(values)
             values = values / dist.world_size
-        dt = time.perf_counter() - t0
-        busy += dt
         done = step + 1
-        record = {k: float(v) for k, v in zip(keys, values.cpu())}
-        record.update(lr=lr, samples_per_s=n_global / dt)
-        losses.append(record["loss"])
-        tracker.log_step(done, record, spec.table, spec.prefix)
+        pending.append((done, lr, keys, values))
+        save = done % train.checkpoint_every == 0 or done == stop
+        draw = dist.is_main and spec.sample is not None and done % train.sample_every == 0
+        if not (save or draw or done % train.log_every == 0):
+            continue
+        flush()
         if done % train.log_every == 0:
             tracker.flush()
-        bar.update(1)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
-        if done % train.checkpoint_every == 0 or done == stop:
+        if save:
             with gathered(engine):
                 spec.store.save(engine, done, state, spec.export, dist)
-        if dist.is_main and spec.sample is not None and done % train.sample_every == 0:
+        if draw:
             image = spec.sample(done)
             if image is not None:
                 tracker.log_image(image, f"{spec.prefix.strip('/') or task.name}_step{done:06d}.png")
+        t_mark = time.perf_counter()  # checkpoints and sample grids do not count as step time
     bar.close()
     tracker.flush()
     ran = stop - start

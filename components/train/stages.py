@@ -253,8 +253,6 @@ def run_base(run: StageRun) -> dict[str, float]:
         bb.vae.requires_grad_(False).eval()
         place(bb.vae, dist.device, frozen_dtype(params, dist.device))
 
-        if train.gradient_checkpointing:
-            bb.unet.enable_gradient_checkpointing()
         task = BaseUNetTask(bb, train.seed)
 
         def write_base(d: Path) -> None:
@@ -384,8 +382,6 @@ def run_dynamicid_stage(run: StageRun) -> dict[str, float]:
         dyn.load_parts(bb.unet, manifest, parts)
     place_backbone(bb, dist.device, frozen_dtype(params, dist.device))  # also casts the SAA processors in the UNet...
     dyn.to(dist.device, train_dtype(params))                             # ...which the trainable dtype overrides
-    if train.gradient_checkpointing:
-        bb.unet.enable_gradient_checkpointing()
     bundle = base if params.model.profile == "tiny" else None
 
     cached = run.stage == "anchor" and train.cache_features

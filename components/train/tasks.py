@@ -27,6 +27,57 @@ from model.backbone import Backbone
 from model.dynamicid import DynamicID, clip_image_features, text_embeddings
 
 
+CheckpointMode = bool | str  # train.gradient_checkpointing: False, True or "high_res"
+
+
+def checkpoint_block_names(unet: nn.Module, mode: CheckpointMode) -> tuple[str, ...]:
+    """UNet block names (module paths) whose sub-modules recompute their activations in backward.
+
+    ``"high_res"``: the two blocks at the latent resolution (the first down block and the last up
+    block). At SD1.5 size, 512 px, they hold most of the stored activations (the most tokens:
+    64 x 64 at 320 channels, 4,096-token attention, the widest feed-forward inputs) while the
+    lower levels, whose activations are small, are kept and not recomputed.
+    """
+    if mode is False:
+        return ()
+    if mode is True:
+        return ("",)
+    if mode == "high_res":
+        return ("down_blocks.0", f"up_blocks.{len(unet.up_blocks) - 1}")
+    raise ValueError(f"train.gradient_checkpointing must be false, true or 'high_res', got {mode!r}")
+
+
+def _checkpoint(module: nn.Module, *args: Any) -> Any:
+    """Non-reentrant activation checkpointing of one module call (what torch.compile can trace)."""
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(module.__call__, *args, use_reentrant=False)
+
+
+def apply_gradient_checkpointing(unet: nn.Module, mode: CheckpointMode) -> list[str]:
+    """Sets diffusers' per-module checkpointing flags for ``mode`` and returns the modules that now
+    checkpoint. Idempotent: flags set earlier (``enable_gradient_checkpointing`` on the whole UNet)
+    are reset, so this is the one place the mode is decided. Diffusers' checkpoint function is the
+    non-reentrant ``torch.utils.checkpoint``, which torch.compile traces into the graph (the
+    partitioner then recomputes the wrapped regions in the compiled backward)."""
+    roots = checkpoint_block_names(unet, mode)
+    if not roots:
+        unet.disable_gradient_checkpointing()
+        return []
+    unet.enable_gradient_checkpointing(_checkpoint)  # installs the function on every capable module
+
+    def chosen(name: str) -> bool:
+        return any(r == "" or name == r or name.startswith(r + ".") for r in roots)
+
+    on = []
+    for name, module in unet.named_modules():
+        if hasattr(module, "gradient_checkpointing"):
+            module.gradient_checkpointing = chosen(name) and name != ""
+            if module.gradient_checkpointing:
+                on.append(name)
+    return on
+
+
 class Task(nn.Module):
     """One objective: ``forward(batch) -> (loss, parts)``; the export lists the parts it owns."""
 
@@ -41,6 +92,16 @@ class Task(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+    def checkpointable_unet(self) -> nn.Module | None:
+        """The UNet that ``train.gradient_checkpointing`` applies to (None: the task has none)."""
+        backbone = self.__dict__.get("backbone")  # a plain attribute (dataclass), not a sub-module
+        return backbone.unet if backbone is not None else self._modules.get("unet")
+
+    def set_gradient_checkpointing(self, mode: CheckpointMode) -> list[str]:
+        """Applies ``train.gradient_checkpointing`` to the task's UNet; returns the checkpointing modules."""
+        unet = self.checkpointable_unet()
+        return [] if unet is None else apply_gradient_checkpointing(unet, mode)
 
     @property
     def device(self) -> torch.device:
