@@ -537,7 +537,7 @@ def test_reconfigure_objective_trains_only_imr_and_keypoints(backbone, tiny_para
         assert calls.grad["unet"] == [False, True]
         assert calls.grad["face"] == [False]
     total = sum(w * float(parts.get(k, 0.0)) for w, k in zip(weights, ("feature", "denoise", "contrastive")))
-    assert float(loss) == pytest.approx(total, rel=1e-6)
+    assert float(loss.detach()) == pytest.approx(total, rel=1e-6)
     loss.backward()
     trainable = {n for n, p in task.named_parameters() if p.requires_grad}
     assert all(n.startswith(("dyn.imr.", "dyn.keypoint_encoder.")) for n in trainable)
