@@ -45,3 +45,13 @@ def group_photo(face_images_dir) -> Path:
 @pytest.fixture(scope="session")
 def single_face_photo(face_images_dir) -> Path:
     return face_images_dir / "Tom_Hanks_54745.png"
+
+
+@pytest.fixture(scope="module")
+def module_cwd(tmp_path_factory) -> Path:
+    """Run a module outside the repository: MLflow's local store writes ./mlruns, and the
+    repository's params.yaml is not the test's configuration."""
+    cwd = tmp_path_factory.mktemp("cwd")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(cwd)
+        yield cwd

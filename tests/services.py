@@ -40,7 +40,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait(check, timeout_s: float, what: str, log: Path | None = None, proc: subprocess.Popen | None = None) -> None:
+def _wait(check, timeout_s: float, what: str, log: Path | None = None, proc: subprocess.Popen | None = None,
+          poll_s: float = 0.3) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -50,9 +51,46 @@ def _wait(check, timeout_s: float, what: str, log: Path | None = None, proc: sub
                 return
         except Exception:  # not up yet
             pass
-        time.sleep(0.3)
+        time.sleep(poll_s)
     tail = log.read_text()[-3000:] if log is not None and log.exists() else ""
     raise RuntimeError(f"{what} did not come up within {timeout_s:.0f} s\n{tail}")
+
+
+# --------------------------------------------------------------------------- dynamicid serve
+
+
+@contextlib.contextmanager
+def serve_process(checkpoint: Path, sets: dict[str, object], log: Path, on_live=None,
+                  timeout_s: float = 180) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`dynamicid serve` (params overrides ``sets``) on a free 127.0.0.1 port; yields (process, url)
+    once ready. ``on_live(url)`` runs once the server listens, while the model may still be loading
+    (the server answers liveness before readiness). Always stopped with SIGTERM, then SIGKILL."""
+    import httpx
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    overrides = [a for k, v in sets.items() for a in ("-S", f"{k}={v}")]
+    cmd = [sys.executable, "-m", "components.cli", *overrides, "serve", "--model-uri", str(checkpoint),
+           "--port", str(port)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, cwd=Path(__file__).parents[1], stdout=fh, stderr=subprocess.STDOUT, env=env)
+        try:
+            started = time.monotonic()
+            _wait(lambda: httpx.get(f"{url}/v2/health/live", timeout=2).status_code == 200, timeout_s,
+                  "dynamicid serve (live)", log, proc, poll_s=0.02)
+            if on_live is not None:
+                on_live(url)
+            _wait(lambda: httpx.get(f"{url}/v2/health/ready", timeout=5).status_code == 200,
+                  timeout_s - (time.monotonic() - started), "dynamicid serve (ready)", log, proc, poll_s=0.1)
+            yield proc, url
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
 
 
 # --------------------------------------------------------------------------- S3 (moto)

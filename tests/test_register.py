@@ -64,12 +64,7 @@ def test_gate_thresholds_are_validated_with_the_key_path():
 # --------------------------------------------------------------------------- real evaluations + registry
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _workdir(tmp_path_factory):
-    """MLflow's local store puts artefacts under ./mlruns: keep them out of the repository."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(tmp_path_factory.mktemp("cwd"))
-        yield
+pytestmark = pytest.mark.usefixtures("module_cwd")  # MLflow writes ./mlruns; params.yaml is not ours
 
 
 @pytest.fixture(scope="module")

@@ -27,12 +27,10 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import statistics
 import struct
 import subprocess
-import sys
 import threading
 import time
 import zlib
@@ -47,6 +45,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from PIL import Image
 
 from tests.fuzz_requests import URIS, Context, Request, request_batch, valid_requests
+from tests.services import serve_process
 from serving.schema import Limits
 
 pytestmark = pytest.mark.slow
@@ -72,12 +71,6 @@ RSS_GROWTH_BOUND = 192 * 2**20
 RSS_CEILING = 1536 * 2**20
 CLIENTS, PER_CLIENT = 64, 3
 SENDERS = MAX_QUEUE - 1    # fuzzing requests in flight at once
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -110,35 +103,9 @@ def server(tiny_params, tmp_path_factory) -> Server:
 
     ckpt = init_checkpoint(tiny_params.model, tiny_params.face, tmp_path_factory.mktemp("rel-ckpt") / "init",
                            tiny_params.storage.cache_dir, seed=1)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     log = tmp_path_factory.mktemp("rel-log") / "server.log"
-    sets = [f"storage.cache_dir={tiny_params.storage.cache_dir}"] + [f"{k}={v}" for k, v in SERVE.items()]
-    cmd = [sys.executable, "-m", "components.cli", *[a for s in sets for a in ("-S", s)], "serve",
-           "--model-uri", str(ckpt), "--port", str(port)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    fh = open(log, "w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + 180
-    try:
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server never became ready"
-            time.sleep(0.1)
+    with serve_process(ckpt, {"storage.cache_dir": tiny_params.storage.cache_dir, **SERVE}, log) as (proc, url):
         yield Server(proc, url, log)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        fh.close()
 
 
 @pytest.fixture(scope="module")

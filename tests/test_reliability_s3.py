@@ -42,12 +42,7 @@ def _report(what: str, proxy: FaultProxy, seconds: float, baseline: float | None
           f"({proxy.injected} faults) in {seconds:.1f} s{extra}")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _workdir(tmp_path_factory):
-    """Run outside the repository: its params.yaml is not this test's configuration."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(tmp_path_factory.mktemp("cwd"))
-        yield
+pytestmark = pytest.mark.usefixtures("module_cwd")  # MLflow writes ./mlruns; params.yaml is not ours
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,7 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -22,9 +19,9 @@ import pytest
 from PIL import Image
 
 from components.cli import main
+from tests.services import serve_process
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).parents[1]
 SERVE = {  # small limits so each one is cheap to hit
     "serve.max_queue": 4, "serve.max_batch_size": 4, "serve.batch_window_ms": 300, "serve.retry_after_s": 3,
     "serve.max_steps": 8, "serve.default_steps": 2, "serve.max_side": 128, "serve.max_image_bytes": 200_000,
@@ -45,12 +42,6 @@ def encode(img: np.ndarray | Image.Image, fmt: str = "PNG") -> bytes:
 
 def decode(text: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(text))))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -75,46 +66,20 @@ def ckpt(tiny_params, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(ckpt, tiny_params, tmp_path_factory) -> Server:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tmp_path_factory.mktemp("serve-log") / "server.log"
-    sets = [f"storage.cache_dir={tiny_params.storage.cache_dir}"] + [f"{k}={v}" for k, v in SERVE.items()]
-    cmd = [sys.executable, "-m", "components.cli", *[a for s in sets for a in ("-S", s)], "serve",
-           "--model-uri", str(ckpt), "--port", str(port)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    fh = open(log, "w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env)
     before: dict[str, int] = {}
-    deadline = time.monotonic() + 180
-    try:
-        while True:  # liveness comes first: the server listens while the model loads
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/v2/health/live", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server never became live"
-            time.sleep(0.02)
+
+    def while_loading(url: str) -> None:  # live first: the server listens while the model loads
         for path in ("/v2/health/ready", "/v2/models/dynamicid/ready", "/v1/models/dynamicid"):
             before[path] = httpx.get(url + path, timeout=5).status_code
         early = httpx.post(f"{url}/v1/models/dynamicid:predict", json={"instances": [{}]}, timeout=5)
         before["predict"] = early.status_code
         before["retry-after"] = int(early.headers.get("retry-after", 0))
         before["live"] = httpx.get(f"{url}/v2/health/live", timeout=5).status_code
-        while httpx.get(f"{url}/v2/health/ready", timeout=5).status_code != 200:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "server never became ready"
-            time.sleep(0.1)
+
+    log = tmp_path_factory.mktemp("serve-log") / "server.log"
+    sets = {"storage.cache_dir": tiny_params.storage.cache_dir, **SERVE}
+    with serve_process(ckpt, sets, log, on_live=while_loading) as (proc, url):
         yield Server(proc, url, log, before)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        fh.close()
 
 
 @pytest.fixture(scope="module")

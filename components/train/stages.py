@@ -220,7 +220,7 @@ def run_base(run: StageRun) -> dict[str, float]:
     tracker.start(resume=resuming, extra_params={"world_size": dist.world_size})
     shown = [data.sample(p) for p in spread(data, split.heldout or split.train, train.sample_count)]
     metrics: dict[str, float] = {}
-    try:
+    with tracker.running():
         vae_dir = out / "vae"
         if sp.vae_steps > 0 and not (run.resume and (vae_dir / "config.json").exists()):
             task = VAETask(bb.vae, sp.vae_kl_weight, train.seed)
@@ -270,10 +270,6 @@ def run_base(run: StageRun) -> dict[str, float]:
             metrics.update({"samples_per_s": result.samples_per_s, "world_size": float(dist.world_size)})
             _finish(run, tracker, metrics, export)
         dist.barrier()
-    except BaseException:
-        tracker.finish("FAILED")
-        raise
-    tracker.finish()
     return metrics
 
 
@@ -432,7 +428,7 @@ def run_dynamicid_stage(run: StageRun) -> dict[str, float]:
                   extra_params={"world_size": dist.world_size, "trained_from": str(init or base),
                                 "trainable_parameters": sum(p.numel() for p in task.trainable_parameters())})
     metrics: dict[str, float] = {}
-    try:
+    with tracker.running():
         spec = FitSpec(stage=sp, steps=sp.steps, lr=sp.lr, store=store, export=export, columns=columns,
                        sample=sample, state={"stage": run.stage})
         result = fit(task, dataset, spec, params=params, dist=dist, resume=run.resume, max_steps=run.max_steps,
@@ -453,8 +449,4 @@ def run_dynamicid_stage(run: StageRun) -> dict[str, float]:
                     metrics.update(imr_check(task, data, pairs))
             _finish(run, tracker, metrics, final)
         dist.barrier()
-    except BaseException:
-        tracker.finish("FAILED")
-        raise
-    tracker.finish()
     return metrics

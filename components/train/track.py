@@ -8,12 +8,13 @@ A resumed stage re-opens the MLflow run recorded in ``<output>/mlflow_run.json``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,17 @@ class StageTracker:
         self.flush()
         self._mlflow.end_run(status=status)
         self._mlflow = None
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator["StageTracker"]:
+        """The stage's body: its MLflow run ends FAILED if the body raises (or is interrupted), else
+        FINISHED; an early ``finish()`` inside is fine (ending is idempotent)."""
+        try:
+            yield self
+        except BaseException:
+            self.finish("FAILED")
+            raise
+        self.finish()
 
     # ------------------------------------------------------------------ metrics
     def loss_table(self, name: str, columns: list[str], resume_step: int) -> None:
