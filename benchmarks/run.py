@@ -235,8 +235,9 @@ def table(results: dict) -> str:
     elif serve:
         lines.append(f"serve      {serve.get('status')}: {serve.get('reason') or serve}")
     for key in ("image_info", "train_info"):
-        if results.get(key):
-            lines.append(f"{key}: {results[key]}")
+        if results.get(key):  # profiles are long: they are in the log and benchmark.json
+            shown = {k: v for k, v in results[key].items() if not k.startswith("gpu_profile")}
+            lines.append(f"{key}: {shown}")
     lines.append("")
     lines.append(f"{'target':<66} {'measured':>9} {'limit':>8}  met")
     for t in evaluate(results):

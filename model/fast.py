@@ -464,12 +464,13 @@ class BucketStepRunner:
         if slot.request is not None and all(a is b for a, b in zip(slot.request[:4], request[:4])) \
                 and slot.request[4] == request[4]:
             return
-        if ctx is None or not self.precomputed:
-            slot.states.copy_(states)
-        else:
-            slot.states.copy_(states[:, : slot.states.shape[1]])
-        if ctx is not None:
-            self._load_ids(slot, states, ctx)
+        with torch.profiler.record_function("dynamicid.load_request"):
+            if ctx is None or not self.precomputed:
+                slot.states.copy_(states)
+            else:
+                slot.states.copy_(states[:, : slot.states.shape[1]])
+            if ctx is not None:
+                self._load_ids(slot, states, ctx)
         slot.request = request
 
     def _load_ids(self, slot: _Slot, states: Tensor, ctx: IDContext) -> None:

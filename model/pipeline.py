@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline
+from torch.profiler import record_function
 from PIL import Image
 
 from model.backbone import Backbone
@@ -322,29 +323,34 @@ class DynamicIDPipeline(DiffusionPipeline):
                              [default_scale if id_scale is None else id_scale] * b, dtype=torch.float32)
         do_cfg = bool((g > 1.0).any())
 
-        device, unet_dtype = self.device, self.unet.dtype
-        # 2-3. identities: face analysis and encoders once per request
+        # ModelMixin.dtype walks every named parameter (~6 ms host time at SD1.5 size, paid while
+        # the GPU idles before the first step); the first parameter's dtype is the UNet's dtype.
+        device, unet_dtype = self.device, fe_dtype(self.unet)
+        # 2-3. identities: face analysis and encoders once per request. The record_function
+        # ranges name the phases in torch.profiler traces (benchmarks/image_bench.py reads them).
         if encoded is not None:
             encoded = list(encoded)
             if len(encoded) != b:
                 raise GenerationError(f"{b} prompts but {len(encoded)} encoded identity sets")
         else:
-            encoded = [self.encode_identities(ids) for ids in per_sample] if n else []
+            with record_function("dynamicid.encode_identities"):
+                encoded = [self.encode_identities(ids) for ids in per_sample] if n else []
         # 4. prompt
-        text, _ = text_embeddings(self.backbone, prompts)
-        if n:
-            id_tokens = torch.stack([e.tokens.flatten(0, 1) for e in encoded])          # [b, N*K, D]
-            cond = torch.cat([text, id_tokens.to(text.dtype)], dim=1)
-        else:
-            cond = text
-        if do_cfg:
-            neg, _ = text_embeddings(self.backbone, negs)
+        with record_function("dynamicid.prompt"):
+            text, _ = text_embeddings(self.backbone, prompts)
             if n:
-                unc_ids = self.uncond_tokens().repeat(n, 1).to(neg.dtype)                 # [N*K, D]
-                neg = torch.cat([neg, unc_ids.expand(b, -1, -1)], dim=1)
-            states = torch.cat([neg, cond]).to(unet_dtype)
-        else:
-            states = cond.to(unet_dtype)
+                id_tokens = torch.stack([e.tokens.flatten(0, 1) for e in encoded])          # [b, N*K, D]
+                cond = torch.cat([text, id_tokens.to(text.dtype)], dim=1)
+            else:
+                cond = text
+            if do_cfg:
+                neg, _ = text_embeddings(self.backbone, negs)
+                if n:
+                    unc_ids = self.uncond_tokens().repeat(n, 1).to(neg.dtype)                 # [N*K, D]
+                    neg = torch.cat([neg, unc_ids.expand(b, -1, -1)], dim=1)
+                states = torch.cat([neg, cond]).to(unet_dtype)
+            else:
+                states = cond.to(unet_dtype)
 
         # 5. denoise
         vsf = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -355,13 +361,15 @@ class DynamicIDPipeline(DiffusionPipeline):
         ]).to(device=device, dtype=unet_dtype)
         ctx = None
         if n:
+            # Regions stay on the host: the masks are built there (exact float64 comparisons) and
+            # moved once per UNet level; a device copy would only be read back, i.e. a sync.
             regions = torch.stack([self.regions(ids) for ids in per_sample])               # [b, N, 4]
             reps = 2 if do_cfg else 1
             saa = self.model_params.saa
-            scale_all = scale.repeat(reps).to(device)
-            id_scale_arg: float | torch.Tensor = float(scale[0]) if bool((scale == scale[0]).all()) else scale_all
+            same = bool((scale == scale[0]).all())
+            id_scale_arg: float | torch.Tensor = float(scale[0]) if same else scale.repeat(reps).to(device)
             ctx = IDContext(
-                num_ids=n, num_tokens=self.dims.num_tokens, regions=regions.repeat(reps, 1, 1).to(device),
+                num_ids=n, num_tokens=self.dims.num_tokens, regions=regions.repeat(reps, 1, 1),
                 latent_hw=(lh, lw), id_scale=id_scale_arg, gating=saa.gating, tau=saa.tau, boost=saa.boost,
             )
         # Timesteps stay on the host: diffusers' schedulers index with them every step, and a
@@ -369,20 +377,22 @@ class DynamicIDPipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps, device="cpu")
         latents = latents * self.scheduler.init_noise_sigma
         g_dev = g.to(device=device, dtype=unet_dtype).view(-1, 1, 1, 1)
-        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            if ctx is not None:
-                ctx.boost_active = i < self.model_params.saa.boost_steps
-            model_in = torch.cat([latents] * 2) if do_cfg else latents
-            model_in = self.scheduler.scale_model_input(model_in, t)
-            noise = (self.step_runner or self.denoise_step)(model_in, t, states, ctx)
-            if do_cfg:
-                uncond, condn = noise.chunk(2)
-                noise = uncond + g_dev * (condn - uncond)
-            latents = self.scheduler.step(noise, t, latents).prev_sample
+        with record_function("dynamicid.denoise"):
+            for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+                if ctx is not None:
+                    ctx.boost_active = i < self.model_params.saa.boost_steps
+                model_in = torch.cat([latents] * 2) if do_cfg else latents
+                model_in = self.scheduler.scale_model_input(model_in, t)
+                noise = (self.step_runner or self.denoise_step)(model_in, t, states, ctx)
+                if do_cfg:
+                    uncond, condn = noise.chunk(2)
+                    noise = uncond + g_dev * (condn - uncond)
+                latents = self.scheduler.step(noise, t, latents).prev_sample
 
         # 6. decode
-        image = self.vae.decode(latents / self.vae.config.scaling_factor).sample
-        image = (image / 2 + 0.5).clamp(0, 1)
+        with record_function("dynamicid.decode"):
+            image = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+            image = (image / 2 + 0.5).clamp(0, 1)
         results = [e.results for e in encoded] if n else [[] for _ in range(b)]
         if output_type == "pt":
             return DynamicIDOutput(images=image.float().cpu(), identities=results, seeds=seeds)  # type: ignore[arg-type]

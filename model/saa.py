@@ -204,8 +204,17 @@ class IDContext:
             # inside some boxes: only the containing identities; outside every box: all of them
             per_id = inside | ~inside_any[..., None]  # [R, HW, N]
             per_token = self.num_id_tokens // self.num_ids
-            allowed = per_id.repeat_interleave(per_token, dim=-1).unsqueeze(1).to(device)  # [R, 1, HW, N*K]
-        return RegionMasks(inside=inside.to(device), inside_any=inside_any.to(device), allowed=allowed)
+            allowed = per_id.repeat_interleave(per_token, dim=-1).unsqueeze(1)  # [R, 1, HW, N*K]
+        return RegionMasks(inside=_to_device(inside, device), inside_any=_to_device(inside_any, device),
+                           allowed=None if allowed is None else _to_device(allowed, device))
+
+
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """Host tensor -> ``device`` without a stream sync: a pageable host-to-GPU copy waits for
+    the GPU's queue to drain (here: the request's encoders), a pinned one is queued."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 # --------------------------------------------------------------------------- LoRA
