@@ -72,7 +72,15 @@ def test_concurrent_requests_share_a_batch_and_get_their_own_images(model, loop,
     async def together():
         return await asyncio.gather(*[model.predict({"instances": [r]}) for r in requests])
 
-    batched = loop.run_until_complete(together())
+    # A batch leaves when full or when its window closes; with the window far away and the batch
+    # size at 3, the three requests share one batch however slowly the (loaded) machine encodes
+    # them, instead of racing a 300 ms window.
+    size, window = model.batcher.max_batch_size, model.batcher.window_s
+    model.batcher.max_batch_size, model.batcher.window_s = len(requests), 120.0
+    try:
+        batched = loop.run_until_complete(together())
+    finally:
+        model.batcher.max_batch_size, model.batcher.window_s = size, window
     assert sample(model.registry, "dynamicid_batch_size_count") == batches + 1
     assert sample(model.registry, "dynamicid_batch_size_sum") >= 3
     for r, out in zip(requests, batched):
