@@ -207,7 +207,7 @@ class DynamicIDPipeline(DiffusionPipeline):
             feats = clip_image_features(self.backbone, torch.zeros(1, 3, s, s, device=self.device))
             emb = torch.zeros(1, self.dims.id_dim, device=self.device, dtype=feats.dtype)
             fe = self.dynamicid.face_encoder
-            self._uncond_tokens = fe(emb.to(fe_dtype(fe)), feats.to(fe_dtype(fe)))[0]
+            self._uncond_tokens = fe(emb.to(param_dtype(fe)), feats.to(param_dtype(fe)))[0]
         return self._uncond_tokens
 
     @torch.no_grad()
@@ -215,7 +215,7 @@ class DynamicIDPipeline(DiffusionPipeline):
         """All identities of one request in one batch through the encoders -> tokens [N, K, D]."""
         n = len(identities)
         fe = self.dynamicid.face_encoder
-        dtype, device = fe_dtype(fe), self.device
+        dtype, device = param_dtype(fe), self.device
         embeds, feats, src_lmk, src_prompt, results = [], [], [], [], []
         crops, crop_index = [], []
         for i, ident in enumerate(identities):
@@ -325,7 +325,7 @@ class DynamicIDPipeline(DiffusionPipeline):
 
         # ModelMixin.dtype walks every named parameter (~6 ms host time at SD1.5 size, paid while
         # the GPU idles before the first step); the first parameter's dtype is the UNet's dtype.
-        device, unet_dtype = self.device, fe_dtype(self.unet)
+        device, unet_dtype = self.device, param_dtype(self.unet)
         # 2-3. identities: face analysis and encoders once per request. The record_function
         # ranges name the phases in torch.profiler traces (benchmarks/image_bench.py reads them).
         if encoded is not None:
@@ -400,7 +400,8 @@ class DynamicIDPipeline(DiffusionPipeline):
         return DynamicIDOutput(images=[Image.fromarray(a) for a in arr], identities=results, seeds=seeds)
 
 
-def fe_dtype(module: torch.nn.Module) -> torch.dtype:
+def param_dtype(module: torch.nn.Module) -> torch.dtype:
+    """A module's dtype from its first parameter (ModelMixin.dtype walks all of them)."""
     return next(module.parameters()).dtype
 
 
