@@ -23,6 +23,7 @@ STAGE_MODULES = [
     "components.launch",
     "components.evaluate",
     "components.register",
+    "components.summary",
     "components.deploy",
     "components.generate",
     "serving.cli",

@@ -66,8 +66,7 @@ def check(params, anchor: Path, reconfigure: Path) -> dict:
     report["stage2"] = imr_check(load_task(params, reconfigure, "reconfigure"), data,
                                  motion_pairs(data, split, t.check_images))
     for key, prefix in (("stage1", "id"), ("stage2", "imr")):
-        r = report[key]
-        r["passed"] = bool(r[f"{prefix}_gain"] > 2 * r[f"{prefix}_gain_stderr"])
+        report[key]["passed"] = bool(report[key][f"{prefix}_passed"])
     return report
 
 

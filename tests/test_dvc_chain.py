@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -71,6 +72,16 @@ def test_dvc_repro_runs_the_chain_and_registers_a_serving_model(tmp_path, cache_
     assert (repo / "runs/register/version.txt").read_text().strip().isdigit()
     assert (repo / "dvc.lock").exists()
 
+    # `make run` ends with the summary of exactly these outputs.
+    summary = subprocess.run(["dynamicid", "summary", "--json"], cwd=repo, env=env, capture_output=True, text=True,
+                             timeout=120)
+    assert summary.returncode == 0, summary.stderr[-3000:]
+    got = json.loads(summary.stdout)
+    assert [st["status"] for st in got["stages"].values()] == ["done"] * 3
+    assert all(st["loss_final"] is not None for st in got["stages"].values())  # (checks are off here)
+    assert got["registered"]["version"] == (repo / "runs/register/version.txt").read_text().strip()
+    assert all(Path(repo / g).exists() for g in got["evaluation"]["grids"]) and got["evaluation"]["grids"]
+
     # The registered champion generates an image (MLflow pyfunc, as served).
     import mlflow
     import pandas as pd
@@ -89,7 +100,5 @@ def test_dvc_repro_runs_the_chain_and_registers_a_serving_model(tmp_path, cache_
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     status = subprocess.run(["dvc", "status", "--json"], cwd=repo, env=env, capture_output=True, text=True,
                             timeout=300)
-    import json
-
     changed = set(json.loads(status.stdout or "{}"))
     assert changed == {"evaluate"}, changed

@@ -639,6 +639,9 @@ def test_check_statistics_are_over_held_out_images_not_draws():
     assert out["x_gain"] == pytest.approx(per_image.mean())
     assert out["x_gain_stderr"] == pytest.approx(per_image.std(ddof=1) / np.sqrt(3))
     assert out["x_win_rate"] == pytest.approx(1 / 3) and out["x_images"] == 3 and out["x_pairs"] == 6
+    assert out["x_passed"] == 0.0  # mean gain 0.017 is far inside two standard errors
+    clear = _summary("x", reference + 1.0, candidate, groups)  # every image gains ~1
+    assert clear["x_gain"] > 2 * clear["x_gain_stderr"] and clear["x_passed"] == 1.0
 
 
 def test_motion_pairs_ask_for_a_motion_change_of_the_same_person(data):

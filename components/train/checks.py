@@ -39,12 +39,16 @@ def _summary(prefix: str, reference: np.ndarray, candidate: np.ndarray, groups: 
     ids, inverse = np.unique(groups, return_inverse=True)
     per_image = np.bincount(inverse, weights=gain) / np.bincount(inverse)
     n = len(ids)
+    mean = float(per_image.mean())
+    stderr = float(per_image.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
     return {
-        f"{prefix}_gain": float(per_image.mean()),
-        f"{prefix}_gain_stderr": float(per_image.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0,
+        f"{prefix}_gain": mean,
+        f"{prefix}_gain_stderr": stderr,
         f"{prefix}_win_rate": float((per_image > 0).mean()),
         f"{prefix}_images": float(n),
         f"{prefix}_pairs": float(len(gain)),
+        # the check's verdict: a gain of more than two standard errors (1.0 / 0.0, a DVC metric)
+        f"{prefix}_passed": float(n > 1 and mean > 2 * stderr),
     }
 
 

@@ -1,0 +1,71 @@
+"""``dynamicid summary`` (the end of `make run`) reads the stages' outputs back correctly.
+
+The dvc chain test runs it on real outputs; here each part of the text is checked on small
+hand-written outputs, including stages that have not run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from components.cli import main
+
+pytestmark = pytest.mark.usefixtures("module_cwd")  # outputs under runs/ of a temporary directory
+
+
+def write(path: str, data) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(data if isinstance(data, str) else json.dumps(data))
+
+
+@pytest.fixture()
+def outputs(module_cwd):
+    import shutil
+
+    shutil.rmtree("runs", ignore_errors=True)
+    write("runs/base/metrics.json", {"loss_first": 0.9, "loss_final": 0.3, "steps": 200.0})
+    write("runs/anchor/metrics.json", {"loss_first": 0.36, "loss_final": 0.35, "steps": 200.0, "id_gain": 3e-4,
+                                       "id_gain_stderr": 2e-5, "id_win_rate": 0.88, "id_passed": 1.0})
+    write("runs/evaluate/metrics.json", {"single": {"id_similarity": 0.42, "clip_t": 0.25},
+                                         "multi2": {"id_similarity": 0.31}})
+    write("runs/evaluate/report.json", {"grids": ["grids/single-000.png"], "profile": "tiny",
+                                        "not_measured": ["multi2.confusion_rate"]})
+    write("runs/register/version.txt", "7\n")
+    yield
+
+
+def test_text_names_losses_checks_metrics_grids_version_and_next_commands(outputs, capsys):
+    assert main(["-S", "gate.promote=true", "summary"]) == 0  # as params.yaml sets it
+    out = capsys.readouterr().out
+    assert "base         loss 0.9000 -> 0.3000 over 200 steps; export runs/base/export" in out
+    assert "gain 0.0003 = 15.0 standard errors, better on 88% of held-out images: PASS" in out
+    assert "reconfigure  not run" in out
+    assert "single.id_similarity" in out and "0.4200" in out
+    assert "multi2.confusion_rate              not measured" in out
+    assert "edit.pose_error" not in out  # neither measured nor reported as missing: the stage had no edits
+    assert "runs/evaluate/grids/single-000.png" in out and "tiny profile" in out
+    assert "dynamicid version 7 (@candidate, @champion" in out
+    assert "dynamicid serve --model-uri models:/dynamicid@champion" in out
+
+
+def test_failed_check_and_champion_alias_follow_the_outputs_and_params(outputs, capsys):
+    write("runs/reconfigure/metrics.json", {"loss_first": 0.7, "loss_final": 0.03, "steps": 50.0, "imr_gain": 1e-3,
+                                            "imr_gain_stderr": 1e-3, "imr_passed": 0.0})
+    assert main(["-S", "gate.promote=false", "summary"]) == 0
+    out = capsys.readouterr().out
+    assert "= 1.0 standard errors: FAIL" in out
+    assert "(@candidate;" in out and "models:/dynamicid@candidate" in out
+
+
+def test_nothing_run_yet(module_cwd, capsys):
+    import shutil
+
+    shutil.rmtree("runs", ignore_errors=True)
+    assert main(["summary", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert {k: v["status"] for k, v in got["stages"].items()} == dict.fromkeys(("base", "anchor", "reconfigure"),
+                                                                                "not run")
+    assert got["evaluation"] is None and got["registered"] is None
