@@ -37,10 +37,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
+    """The file's content, None when it does not exist; a damaged file is an error naming it."""
+    from components.cli import UserError
+
     try:
         return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    except FileNotFoundError:
         return None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON ({err}); rerun the stage that writes it") from None
 
 
 def _check(metrics: dict[str, Any], prefix: str) -> dict[str, Any] | None:

@@ -69,3 +69,9 @@ def test_nothing_run_yet(module_cwd, capsys):
     assert {k: v["status"] for k, v in got["stages"].items()} == dict.fromkeys(("base", "anchor", "reconfigure"),
                                                                                 "not run")
     assert got["evaluation"] is None and got["registered"] is None
+
+
+def test_a_damaged_output_is_named_not_reported_as_missing(outputs, capsys):
+    write("runs/anchor/metrics.json", '{"loss_first": 0.3')
+    assert main(["summary"]) == 2
+    assert "runs/anchor/metrics.json is not valid JSON" in capsys.readouterr().err
