@@ -21,6 +21,7 @@ HEADLINE = ("single.id_similarity", "single.id_lift", "single.detection_failure_
 SAMPLE_PHOTO = "Tom_Hanks_54745.png"  # a real face photo shipped in the insightface wheel
 # components/train/checks.py decides (gain > 2 standard errors); older outputs carry no verdict
 VERDICT = {True: "PASS", False: "FAIL", None: "no verdict recorded"}
+CHECK_PREFIX = {"anchor": "id", "reconfigure": "imr"}  # metric prefixes of components/train/checks.py
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -70,7 +71,8 @@ def collect(params) -> dict[str, Any]:
             continue
         entry = {"status": "done", "export": str(out / "export"), "steps": m.get("steps"),
                  "loss_first": m.get("loss_first"), "loss_final": m.get("loss_final")}
-        check = _check(m, {"anchor": "id", "reconfigure": "imr"}.get(name, ""))
+        prefix = CHECK_PREFIX.get(name)  # the base stage has no learning check
+        check = _check(m, prefix) if prefix else None
         if check is not None:
             entry["check"] = check
         stages[name] = entry
