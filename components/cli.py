@@ -12,27 +12,24 @@ import importlib
 import logging
 import sys
 
-from components.config import ParamsError, load_params
+from components.core.config import ParamsError, load_params
+from components.core.errors import UserError
 
 # Order is the order shown by --help; it follows the pipeline.
 STAGE_MODULES = [
     "components.params_cmd",
-    "components.synth",
-    "components.prepare",
+    "components.synth.dataset",
+    "components.prepare.stage",
     "components.train",
-    "components.launch",
-    "components.evaluate",
-    "components.register",
-    "components.summary",
-    "components.deploy",
-    "components.generate",
+    "components.deploy.training_job",
+    "components.evaluate.stage",
+    "components.register.stage",
+    "components.summary.stage",
+    "components.deploy.inference_service",
+    "components.generate.stage",
     "serving.cli",
     "pipelines.cli",
 ]
-
-
-class UserError(Exception):
-    """An error the user can fix (bad input, missing file); printed without a traceback."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose + 1, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from components import redact
+    from components.core import redact
 
     secrets = redact.install().secrets  # logs, warnings and tracebacks carry no credentials
     try:

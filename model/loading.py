@@ -33,7 +33,7 @@ def quiet_hf_progress() -> None:
 
 def base_location(params: ModelParams, cache_dir: str | Path, checkpoint: str | Path | None = None) -> tuple[Path, Path | None]:
     """-> (base diffusers dir, separate image encoder dir or None). Paths must be local here:
-    s3:// URIs are resolved to a local cache by components.storage before this is called."""
+    s3:// URIs are resolved to a local cache by components.core.storage before this is called."""
     if checkpoint is not None and (Path(checkpoint) / "base" / "unet").is_dir():
         return Path(checkpoint) / "base", None
     if params.profile == "tiny":

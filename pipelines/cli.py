@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from components.cli import UserError
+from components.core.errors import UserError
 
 # Bearer token for the KFP API (e.g. from `kubectl create token` or an OIDC login).
 TOKEN_ENV = "KF_PIPELINES_TOKEN"
@@ -88,7 +88,7 @@ def run_local(args: argparse.Namespace, params) -> int:
         try:
             result = pipeline(deploy_args=["--wait"] if args.deploy else ["--dry-run"])
         except RuntimeError as err:
-            from components.redact import known_secrets, redact_text
+            from components.core.redact import known_secrets, redact_text
 
             print(f"pipeline run-local: {redact_text(str(err), known_secrets())}", file=sys.stderr)
             return 1
@@ -116,7 +116,7 @@ def kfp_client(params, host: str | None, namespace: str | None):
     import kfp
     from kfp.client import ServiceAccountTokenVolumeCredentials
 
-    from components.redact import redact_text, uri_has_credentials
+    from components.core.redact import redact_text, uri_has_credentials
 
     host = host or params.pipeline.host or os.environ.get("KF_PIPELINES_ENDPOINT")
     if host and uri_has_credentials(host):

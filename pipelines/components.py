@@ -4,7 +4,7 @@ They are lightweight Python components because kfp's local SubprocessRunner runs
 on a cluster the same definitions run in the project image (``set_container_image`` with the
 pipeline's ``image`` parameter), which already has kfp and dynamicid installed. Artefact paths
 become CLI flags or params overrides; ``settings`` carries the resolved params (see
-:mod:`pipelines.settings`). Imports are inside the bodies because kfp ships only the function's
+:mod:`components.deploy.settings`). Imports are inside the bodies because kfp ships only the function's
 source to the pod.
 """
 

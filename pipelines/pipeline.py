@@ -18,10 +18,10 @@ from typing import Callable
 
 from kfp import dsl
 
-from components.cli import UserError
-from components.config import Params, params_from_dict
+from components.core.errors import UserError
+from components.core.config import Params, params_from_dict
 from pipelines import components as c
-from pipelines.settings import params_settings
+from components.deploy.settings import params_settings
 
 PIPELINE_NAME = "dynamicid"
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from pipelines.settings import settings_args
+from components.deploy.settings import settings_args
 
 
 class StepError(RuntimeError):

@@ -53,7 +53,7 @@ def load_task(params, export: Path, stage: str):
 
 
 def check(params, anchor: Path, reconfigure: Path) -> dict:
-    from components.shards import PreparedData
+    from components.core.shards import PreparedData
     from components.train.checks import id_token_check, imr_check, motion_pairs
     from components.train.data import holdout_split
 
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=14, help="images per identity")
     args = ap.parse_args(argv)
 
-    from components.config import load_params
+    from components.core.config import load_params
 
     overrides: list[str] = []
     if args.workdir:

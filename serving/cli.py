@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 
-from components.generate import _bbox, _nth
+from components.generate.args import nth_value, parse_bbox
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -55,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_serve(args: argparse.Namespace, params) -> int:
-    from components.cli import UserError
+    from components.core.errors import UserError
 
     params = params.model_copy(deep=True)
     try:
@@ -88,7 +88,7 @@ def run_serve(args: argparse.Namespace, params) -> int:
 
 
 def run_infer(args: argparse.Namespace, params) -> int:
-    from components.cli import UserError
+    from components.core.errors import UserError
     from serving.client import ClientError, build_instance, predict, wait_ready, write_prediction
 
     if not args.verbose:
@@ -101,10 +101,10 @@ def run_infer(args: argparse.Namespace, params) -> int:
     url = (args.url or f"http://{s.host}:{s.http_port}").rstrip("/")
     model = args.model_name or s.model_name
     try:
-        bboxes = [_bbox(b) if (b := _nth(args.bbox, k)) else None for k in range(n)]
+        bboxes = [parse_bbox(b) if (b := nth_value(args.bbox, k)) else None for k in range(n)]
         instance = build_instance(
-            args.prompt, args.id_image, bboxes=bboxes, expressions=[_nth(args.expression, k) for k in range(n)],
-            landmarks_images=[_nth(args.landmarks_image, k) for k in range(n)], negative_prompt=args.negative_prompt,
+            args.prompt, args.id_image, bboxes=bboxes, expressions=[nth_value(args.expression, k) for k in range(n)],
+            landmarks_images=[nth_value(args.landmarks_image, k) for k in range(n)], negative_prompt=args.negative_prompt,
             seed=args.seed, num_inference_steps=args.steps, guidance_scale=args.guidance, id_scale=args.id_scale,
             height=args.height, width=args.width,
         )

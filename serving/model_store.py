@@ -4,7 +4,7 @@ Accepted forms:
 - ``models:/<name>@<alias>`` / ``models:/<name>/<version>``: the MLflow registry (tracking and
   registry URI from params.mlflow / $MLFLOW_TRACKING_URI), downloaded once per version into
   ``<storage.cache_dir>/registry/<name>/<version>``;
-- ``s3://bucket/prefix``: downloaded once through components.storage;
+- ``s3://bucket/prefix``: downloaded once through components.core.storage;
 - a local directory, including ``/mnt/models`` that KServe's storage initializer fills from the
   InferenceService's ``storageUri``.
 In every case the checkpoint is the shallowest directory below holding our manifest
@@ -38,7 +38,7 @@ def _download_registered(params, uri: str) -> Path:
     from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
 
-    from components.tracking import tracking_uri
+    from components.core.tracking import tracking_uri
 
     tracking = tracking_uri(params)
     registry = params.mlflow.registry_uri or os.environ.get("MLFLOW_REGISTRY_URI") or tracking
@@ -65,7 +65,7 @@ def _download_registered(params, uri: str) -> Path:
                 shutil.rmtree(tmp, ignore_errors=True)
         return dest
     except MlflowException as err:
-        from components.redact import redact_text  # the registry URI may carry user:password@
+        from components.core.redact import redact_text  # the registry URI may carry user:password@
 
         raise ModelSourceError(redact_text(f"model_uri {uri!r} (registry {registry}): {err.message}")) from None
 
@@ -78,7 +78,7 @@ def resolve_model_dir(params, uri: str | None = None) -> Path:
     if uri.startswith("models:/"):
         root = _download_registered(params, uri)
     elif uri.startswith("s3://"):
-        from components.storage import StorageError, resolve_local
+        from components.core.storage import StorageError, resolve_local
 
         try:
             root = resolve_local(uri, params.storage.cache_dir, params.storage)

@@ -66,7 +66,7 @@ class DynamicIDModel(Model):
         if not self._load_lock.acquire(blocking=False):  # a load is already under way
             return False
         try:
-            from components.runtime import pipeline_from_params
+            from components.core.runtime import pipeline_from_params
             from serving.engine import Engine
             from serving.model_store import resolve_model_dir
 

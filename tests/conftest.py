@@ -24,7 +24,7 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_params(cache_dir):
     """Params for the embedded default (tiny profile, dlib faces) with a session cache."""
-    from components.config import params_from_dict
+    from components.core.config import params_from_dict
 
     return params_from_dict({"storage": {"cache_dir": str(cache_dir)}})
 

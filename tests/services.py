@@ -5,7 +5,7 @@
   run as the ``postgres`` user when the tests run as root (PostgreSQL refuses to run as root);
 - ``mlflow_server``: ``mlflow server`` with a given backend store and an S3 artefact destination.
 
-Plus ``write_face_dataset``: a prepared data set (components.shards format) of real faces from the
+Plus ``write_face_dataset``: a prepared data set (components.core.shards format) of real faces from the
 photos bundled with insightface, analysed with the real dlib models, so evaluation runs real
 detection and recognition without any download.
 
@@ -108,7 +108,7 @@ class S3Server:
                             aws_access_key_id="testing", aws_secret_access_key="testing")
 
     def keys(self, prefix: str = "") -> list[str]:
-        from components.storage import list_keys
+        from components.core.storage import list_keys
 
         return list_keys(self.client(), self.bucket, prefix)
 
@@ -255,10 +255,10 @@ def mlflow_server(backend_uri: str, artifacts_destination: str, workdir: Path, e
 
 
 def face_rows(analyzer, photos: list[tuple[str, np.ndarray]], test_identities: set[str]) -> list[dict]:
-    """Prepared rows (components.shards schema) for the largest face of each (identity, photo)."""
+    """Prepared rows (components.core.shards schema) for the largest face of each (identity, photo)."""
     from PIL import Image
 
-    from components.shards import encode_png
+    from components.core.shards import encode_png
     from model.landmarks import render_landmarks
     from model.motion import estimate_expression, face_prompt
     from model.pipeline import face_crop_box
@@ -295,7 +295,7 @@ def write_face_dataset(out_dir: Path, group_photo: Path, single_face_photo: Path
     the first ``test_identities`` of them (by name) form the test split."""
     from PIL import Image
 
-    from components.shards import write_shards
+    from components.core.shards import write_shards
     from model.face_analysis import DlibFaceAnalyzer
     from model.pipeline import face_crop_box
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.config.data import SynthParams
-from components.synth import synthesize
+from components.core.config.data import SynthParams
+from components.synth.dataset import synthesize
 
 OUTS = ["data/prepared/shards", "data/prepared/index.parquet", "data/prepared/manifest.json",
         "data/prepared/rejects.jsonl"]

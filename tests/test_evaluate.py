@@ -11,11 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components.config import params_from_dict
-from components.metrics import (
-    ClipScorer, aggregate, assign_faces, clip_model_path, edit_target, metric_info, pose_error, region_box,
-    similarity_matrix,
-)
+from components.core.config import params_from_dict
+from components.evaluate.metrics import ClipScorer, aggregate, assign_faces, clip_model_path, pose_error, region_box, similarity_matrix
+from components.core.metric_catalogue import edit_target, metric_info
 from tests.services import write_face_dataset
 
 
@@ -120,7 +118,7 @@ def test_edit_targets_and_pose_error():
 
 
 def test_bad_edit_and_multi_sizes_are_rejected_by_params():
-    from components.config import ParamsError
+    from components.core.config import ParamsError
 
     with pytest.raises(ParamsError, match="evaluate.edits"):
         params_from_dict({"evaluate": {"edits": ["make it nicer"]}})
@@ -177,7 +175,7 @@ def people(analyzer, group_photo):
 
 
 def test_scoring_real_faces_single_multi_edit_and_missed(people, analyzer, clip):
-    from components.evaluate import EvalSet, FaceCache, Generated, Job, Reference, score
+    from components.evaluate.stage import EvalSet, FaceCache, Generated, Job, Reference, score
 
     (ref_a, alt_a), (ref_b, alt_b) = people
     emb = {k: analyzer.detect(v)[0].embedding for k, v in {"a": ref_a, "b": ref_b}.items()}
@@ -243,8 +241,8 @@ def test_scoring_real_faces_single_multi_edit_and_missed(people, analyzer, clip)
 
 
 def test_eval_set_is_fixed_and_its_hash_tracks_the_definition(params, analyzer):
-    from components.evaluate import build_eval_set
-    from components.shards import PreparedData
+    from components.evaluate.stage import build_eval_set
+    from components.core.shards import PreparedData
 
     a = build_eval_set(params, analyzer, clip_id="c")
     b = build_eval_set(params, analyzer, clip_id="c")
@@ -266,8 +264,8 @@ def test_eval_set_is_fixed_and_its_hash_tracks_the_definition(params, analyzer):
 
 
 def test_multi_id_larger_than_the_test_split_is_a_user_error(params, analyzer):
-    from components.cli import UserError
-    from components.evaluate import build_eval_set
+    from components.core.errors import UserError
+    from components.evaluate.stage import build_eval_set
 
     p = params.model_copy(deep=True)
     p.evaluate.multi_id = [4]
@@ -319,7 +317,7 @@ def test_evaluate_writes_metrics_rows_grids_and_report(evaluation, params):
 
     report = json.loads((out / "report.json").read_text())
     assert report["eval_set_hash"] == json.loads((out / "eval_set.json").read_text())["hash"]
-    from components.registry import checkpoint_digest
+    from components.core.registry import checkpoint_digest
 
     assert report["checkpoint_digest"] == checkpoint_digest(ckpt)
     assert report["counts"]["images"] == 3 + 1 + 1 + 6 and report["counts"]["baseline_images"] == 3
@@ -337,7 +335,7 @@ def test_evaluate_logs_one_mlflow_run(evaluation, params):
     out, _ = evaluation
     report = json.loads((out / "report.json").read_text())
     run = MlflowClient(params.mlflow.tracking_uri).get_run(report["mlflow"]["run_id"])
-    from components.metrics import flatten_metrics
+    from components.evaluate.metrics import flatten_metrics
 
     assert run.data.metrics == pytest.approx(flatten_metrics(json.loads((out / "metrics.json").read_text())))
     tags = run.data.tags

@@ -407,7 +407,7 @@ def test_load_image_keeps_16_bit_grey_and_composites_alpha_like_prepare(tmp_path
 
     from PIL import Image
 
-    from components.prepare_item import decode_image
+    from components.prepare.item import decode_image
     from model.face_analysis import load_image
 
     ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)  # 0..65520

@@ -20,7 +20,7 @@ import yaml
 from hypothesis import given, settings, strategies as st
 
 from components.cli import main
-from components.config import load_params, params_from_dict, parse_overrides
+from components.core.config import load_params, params_from_dict, parse_overrides
 
 Obj = dict[str, Any]
 IMAGE_PLACEHOLDER = "{{$.inputs.parameters['pipelinechannel--image']}}"
@@ -127,7 +127,7 @@ def test_every_step_runs_the_installed_cli_in_the_image_parameter(tmp_path) -> N
        lr=st.floats(min_value=1e-9, max_value=1.0, allow_nan=False))
 def test_settings_round_trip_any_text_and_numbers(prompts, negative, lr) -> None:
     """What a pod rebuilds from the `-S` settings is exactly the params they were made from."""
-    from pipelines.settings import params_settings
+    from components.deploy.settings import params_settings
 
     tree = load_params(None, []).model_dump(mode="json")
     tree["evaluate"].update(prompts=prompts, negative_prompt=negative)

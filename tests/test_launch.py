@@ -22,7 +22,7 @@ import yaml
 
 import k8s_schema as ks
 from components.cli import main
-from components.config import params_from_dict, parse_overrides
+from components.core.config import params_from_dict, parse_overrides
 
 Obj = dict[str, Any]
 TOKEN = "test-token-0123"
@@ -345,7 +345,7 @@ def test_multi_node_gpu_job_from_the_base_template(tmp_path, capsys, monkeypatch
 
 
 def test_settings_carry_exactly_the_resolved_params(tmp_path, capsys) -> None:
-    from components.config import load_params
+    from components.core.config import load_params
 
     argv = cluster_overrides(tmp_path)
     job = dry_run(capsys, argv + ["-S", "train.anchor.lr=1e-05", "launch", "--stage", "anchor", "--nodes", "2",

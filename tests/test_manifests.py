@@ -18,7 +18,7 @@ import jsonschema
 import pytest
 import yaml
 
-from components.config import params_from_dict
+from components.core.config import params_from_dict
 from tests import k8s_schema as ks
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -38,7 +38,7 @@ def test_evaluate_and_register_on_a_tracking_server(backend, env, tmp_path, monk
     import mlflow
     from mlflow import MlflowClient
 
-    from components.shards import decode_png
+    from components.core.shards import decode_png
 
     monkeypatch.chdir(tmp_path)
     for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_S3_ENDPOINT_URL"):

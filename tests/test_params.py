@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from components.cli import main
-from components.config import ParamsError, flatten, load_params, params_from_dict, params_hash, parse_overrides
+from components.core.config import ParamsError, flatten, load_params, params_from_dict, params_hash, parse_overrides
 
 
 def test_defaults_are_the_embedded_profile():

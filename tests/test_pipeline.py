@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from components.cli import main
-from components.config import params_from_dict
+from components.core.config import params_from_dict
 from model.checkpoint import CheckpointError, read_manifest
 from model.loading import init_checkpoint, load_pipeline
 from model.pipeline import GenerationError, IdentityInput

@@ -19,14 +19,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components import prepare as prep
-from components.cli import UserError
+from components.prepare import stage as prep
+from components.core.errors import UserError
 from components.cli import main as cli_main
-from components.config import params_from_dict
-from components.config.data import SynthParams
-from components.prepare_item import face_crop_box, item_key
-from components.shards import PreparedData
-from components.synth import synthesize
+from components.core.config import params_from_dict
+from components.core.config.data import SynthParams
+from components.prepare.item import face_crop_box, item_key
+from components.core.shards import PreparedData
+from components.synth.dataset import synthesize
 
 REPO = Path(__file__).resolve().parents[1]
 OUTPUT_FILES = ("manifest.json", "index.parquet", "shards/part-00000.parquet", "rejects.jsonl", "data_report.json",
@@ -205,7 +205,7 @@ def test_report_histograms_and_detection_rate(prepared, raw, dlib_analyzer):
 
 def test_rerun_does_no_work_and_changes_nothing(prepared, raw, monkeypatch):
     import model.face_analysis
-    from components.prepare_source import LocalSource
+    from components.prepare.source import LocalSource
 
     out, _, params = prepared
     before = {f: ((out / f).stat().st_mtime_ns, (out / f).read_bytes()) for f in OUTPUT_FILES}
@@ -343,7 +343,7 @@ def test_one_face_off_keeps_the_largest_face(tmp_path, group_photo, dlib_analyze
 
 
 def test_s3_input_from_a_local_s3_server(prepared, raw, tmp_path, monkeypatch):
-    from components.prepare_source import S3Source
+    from components.prepare.source import S3Source
     from tests.services import S3_ENV, moto_s3
 
     out_local, _, _ = prepared

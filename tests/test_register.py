@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from components.cli import main
-from components.config import ParamsError, params_from_dict
-from components.config.evaluate import GateParams
-from components.register import check_gate, format_table
+from components.core.config import ParamsError, params_from_dict
+from components.core.config.evaluate import GateParams
+from components.evaluate.gate import check_gate, format_table
 from tests.services import write_face_dataset
 
 
@@ -96,7 +96,7 @@ def _ckpt(env, name: str, seed: int):
 @pytest.fixture(scope="module")
 def evaluation(env):
     """A real evaluation of a tiny checkpoint: (output dir, checkpoint, flat metrics)."""
-    from components.metrics import flatten_metrics
+    from components.evaluate.metrics import flatten_metrics
 
     ckpt = _ckpt(env, "ckpt_a", 1)
     out = env["root"] / "eval_a"
@@ -115,7 +115,7 @@ def _versions(env, name):
 
 
 def _alias(env, name, alias):
-    from components.registry import alias_version
+    from components.core.registry import alias_version
 
     mv = alias_version(_client(env), name, alias)
     return None if mv is None else int(mv.version)
@@ -145,7 +145,7 @@ def registered(env, evaluation):
 
 
 def test_passing_candidate_is_registered_with_lineage_and_promoted(env, evaluation, registered):
-    from components.registry import checkpoint_digest, download_checkpoint
+    from components.core.registry import checkpoint_digest, download_checkpoint
 
     out, ckpt, metrics = evaluation
     rc, vfile = registered
@@ -168,7 +168,7 @@ def test_pyfunc_model_loads_by_alias_and_generates(env, evaluation, registered, 
     import mlflow
     from PIL import Image
 
-    from components.shards import decode_png
+    from components.core.shards import decode_png
     from model.face_analysis import load_image
     from model.loading import load_pipeline
     from model.pipeline import GenerationError, IdentityInput
@@ -176,7 +176,7 @@ def test_pyfunc_model_loads_by_alias_and_generates(env, evaluation, registered, 
     _, ckpt, _ = evaluation
     mlflow.set_tracking_uri(env["sets"]["mlflow.tracking_uri"])
     model = mlflow.pyfunc.load_model("models:/dynamicid@champion")
-    from components.registry import checkpoint_digest
+    from components.core.registry import checkpoint_digest
 
     assert model.metadata.metadata == {"profile": "tiny", "face_backend": "dlib",
                                        "checkpoint_digest": checkpoint_digest(ckpt)}
@@ -243,7 +243,7 @@ def test_regression_against_the_champion_blocks(env, evaluation, capsys):
 
 
 def test_champion_from_another_evaluation_set_is_measured_on_this_one(env, evaluation, capsys):
-    from components.metrics import flatten_metrics
+    from components.evaluate.metrics import flatten_metrics
 
     out_a, ckpt_a, _ = evaluation
     name = {"mlflow.registered_model": "dyn_champ"}

@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components import prepare as prep
+from components.prepare import stage as prep
 from components.cli import main as cli_main
-from components.config import params_from_dict
-from components.prepare_item import decode_image
-from components.shards import PreparedData
+from components.core.config import params_from_dict
+from components.prepare.item import decode_image
+from components.core.shards import PreparedData
 from tests.fuzz_data import ESCAPING_ANNOTATIONS, MAGENTA, build_fuzz_set, escaping_annotations
 
 REPO = Path(__file__).resolve().parents[1]
@@ -144,10 +144,10 @@ CHILD = r"""
 import json, resource, sys
 from pathlib import Path
 import numpy as np
-from components.config import params_from_dict
-from components.prepare import item_settings
-from components.prepare_item import ItemProcessor, WorkItem
-from components.prepare_source import LocalSource
+from components.core.config import params_from_dict
+from components.prepare.stage import item_settings
+from components.prepare.item import ItemProcessor, WorkItem
+from components.prepare.source import LocalSource
 import PIL.Image, PIL.PngImagePlugin, PIL.JpegImagePlugin, PIL.WebPImagePlugin
 
 root, work = Path(sys.argv[1]), Path(sys.argv[2])
@@ -186,7 +186,7 @@ def test_bombs_are_refused_from_the_header_under_a_memory_limit(fuzzed, tmp_path
 
 
 def test_side_files_and_annotation_paths_cannot_leave_the_root(tmp_path):
-    from components.prepare_source import ANNOTATIONS, LocalSource, SourceIndex
+    from components.prepare.source import ANNOTATIONS, LocalSource, SourceIndex
 
     secret = tmp_path / "secret.jsonl"
     secret.write_text(json.dumps({"image": "a/x.png", "kps": [[0, 0]] * 5}) + "\n")

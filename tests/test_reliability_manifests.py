@@ -18,8 +18,9 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from components.cli import UserError, main
-from components.config import params_from_dict, parse_overrides
+from components.cli import main
+from components.core.errors import UserError
+from components.core.config import params_from_dict, parse_overrides
 from tests import k8s_schema as ks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +64,7 @@ def env_canaries() -> Iterator[dict[str, str]]:
 @pytest.fixture(scope="module")
 def rendered(env_canaries, tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Obj]]:
     """source -> objects, for every way the project produces manifests."""
-    from components.deploy import ModelRef, build_inference_service
+    from components.deploy.inference_service import ModelRef, build_inference_service
     from pipelines.pipeline import compile_pipeline
 
     out: dict[str, list[Obj]] = {f"kustomize {b}": ks.render(K8S / "overlays" / b) for b in ("dev", "prod")}
@@ -232,7 +233,7 @@ def test_credentials_in_params_are_refused_for_pods(override: str, capsys, tmp_p
     """Params travel to pods as --set arguments and pipeline.env as plain env: a credential there
     would be printed into the manifests, so launch, pipeline compile and deploy refuse it (exit 2,
     naming the key, not showing the value)."""
-    from components.deploy import ModelRef, build_inference_service
+    from components.deploy.inference_service import ModelRef, build_inference_service
 
     canary = f"cnry{uuid.uuid4().hex[:16]}"
     setting = override.format(canary=canary)
@@ -253,7 +254,7 @@ def test_credentials_in_params_are_refused_for_pods(override: str, capsys, tmp_p
 def test_a_model_stored_behind_a_url_with_credentials_is_not_deployed() -> None:
     """KServe downloads STORAGE_URI as written in the object: a password in it would be readable by
     everyone who can read the InferenceService."""
-    from components.deploy import ModelRef, build_inference_service
+    from components.deploy.inference_service import ModelRef, build_inference_service
 
     canary = f"cnry{uuid.uuid4().hex[:16]}"
     uri = f"https://models:{canary}@store.example/dynamicid/7"

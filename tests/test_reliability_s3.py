@@ -3,7 +3,7 @@
 One moto S3 server per module, reached through ``tests.faults_s3.FaultProxy``, which injects
 connection resets (before and after the server applied a request), HTTP 500, HTTP 503 SlowDown,
 slow responses and truncated bodies on a schedule, or fails persistently. The real code paths run
-against it: ``components.storage`` (boto3, botocore "standard" retries from params.storage),
+against it: ``components.core.storage`` (boto3, botocore "standard" retries from params.storage),
 ``dynamicid prepare`` on an s3:// input, ``dvc push``/``pull`` to an S3 remote (dvc-s3 / s3fs /
 aiobotocore), and ``dynamicid register`` against an ``mlflow server`` whose artefact store is the
 faulty S3. Transient faults must be survived with byte-identical results; persistent ones must end
@@ -58,18 +58,18 @@ def s3():
 
 
 def _storage(endpoint: str, **kw):
-    from components.config.infra import StorageParams
+    from components.core.config.infra import StorageParams
 
     return StorageParams(endpoint_url=endpoint, **kw)
 
 
-# --------------------------------------------------------------------------- components.storage
+# --------------------------------------------------------------------------- components.core.storage
 
 
 def test_download_prefix_survives_every_fault_kind(s3, tmp_path):
     """download_prefix (resolve_local's s3:// path) through resets, 500s, 503s, truncated bodies and
     one response slower than the read timeout: the mirror is byte-identical to the objects."""
-    from components.storage import download_prefix
+    from components.core.storage import download_prefix
 
     server, proxy = s3
     client = server.client()
@@ -95,7 +95,7 @@ def test_download_prefix_survives_every_fault_kind(s3, tmp_path):
 
 
 def test_download_prefix_persistent_failure_leaves_nothing(s3, tmp_path):
-    from components.storage import StorageError, resolve_local
+    from components.core.storage import StorageError, resolve_local
 
     server, proxy = s3
     server.client().put_object(Bucket=BUCKET, Key="down/a.bin", Body=b"a" * 100)
@@ -115,7 +115,7 @@ def test_retry_settings_come_from_params(s3):
     other tests rely on are botocore's, configured from params.storage, not luck."""
     from botocore.exceptions import ClientError, ConnectionClosedError, EndpointConnectionError
 
-    from components.storage import s3_client
+    from components.core.storage import s3_client
 
     server, proxy = s3
     server.client().put_object(Bucket=BUCKET, Key="cfg/x", Body=b"x")
@@ -137,7 +137,7 @@ def test_read_object_survives_truncated_bodies(s3):
     read_object goes through s3transfer, which retries it."""
     from botocore.exceptions import ResponseStreamingError
 
-    from components.storage import read_object, s3_client
+    from components.core.storage import read_object, s3_client
 
     server, proxy = s3
     data = os.urandom(50_000)
@@ -158,8 +158,8 @@ def test_read_object_survives_truncated_bodies(s3):
 @pytest.fixture(scope="module")
 def raw_on_s3(s3, tmp_path_factory):
     """A small synthetic raw set (2 people x 4 images + 2 bad files + side files) under s3://dynamicid/raw."""
-    from components.config.data import SynthParams
-    from components.synth import synthesize
+    from components.core.config.data import SynthParams
+    from components.synth.dataset import synthesize
 
     server, _ = s3
     root = tmp_path_factory.mktemp("raw") / "raw"
@@ -345,7 +345,7 @@ def registry_env(s3, tiny_params, tmp_path_factory):
     The server's own S3 client retries as botocore's environment says (AWS_RETRY_MODE /
     AWS_MAX_ATTEMPTS, as a deployment sets them); the client's HTTP retries to the server are
     MLflow's (MLFLOW_HTTP_REQUEST_MAX_RETRIES), kept small so that an outage ends quickly."""
-    from components.registry import checkpoint_digest
+    from components.core.registry import checkpoint_digest
     from model.loading import init_checkpoint
     from tests.services import mlflow_server
 
@@ -389,7 +389,7 @@ def _state(env) -> tuple[list[int], dict[str, int | None]]:
     """(versions, {alias: version}) of the registered model, read from the server."""
     from mlflow import MlflowClient
 
-    from components.registry import alias_version
+    from components.core.registry import alias_version
 
     c = MlflowClient(env["uri"])
     versions = sorted(int(v.version) for v in c.search_model_versions("name='dynamicid'"))
@@ -403,7 +403,7 @@ def _state(env) -> tuple[list[int], dict[str, int | None]]:
 def test_register_survives_transient_artefact_store_faults(s3, registry_env):
     from mlflow import MlflowClient
 
-    from components.registry import checkpoint_digest, download_checkpoint
+    from components.core.registry import checkpoint_digest, download_checkpoint
 
     server, proxy = s3
     env = registry_env
@@ -461,7 +461,7 @@ def test_register_during_an_outage_leaves_no_version_and_moves_no_alias(s3, regi
 def test_download_refuses_keys_that_leave_the_destination(s3, tmp_path, key):
     """S3 stores such keys literally (moto too): a naive join would write next to (or above) the
     cache. One bad key refuses the whole prefix, and nothing is left behind."""
-    from components.storage import StorageError, download_prefix
+    from components.core.storage import StorageError, download_prefix
 
     server, proxy = s3
     client = server.client()
@@ -476,7 +476,7 @@ def test_download_refuses_keys_that_leave_the_destination(s3, tmp_path, key):
 
 
 def test_safe_join_holds_for_absolute_keys_and_symlinks(tmp_path):
-    from components.storage import StorageError, _safe_join
+    from components.core.storage import StorageError, _safe_join
 
     real = tmp_path / "real-cache"
     real.mkdir()
@@ -495,7 +495,7 @@ def test_safe_join_holds_for_absolute_keys_and_symlinks(tmp_path):
 def test_download_never_writes_through_a_planted_partial_symlink(s3, tmp_path):
     """If the temp directory name is a symlink to elsewhere (left over, or planted), the download
     replaces the link with a real directory instead of writing into its target."""
-    from components.storage import download_prefix
+    from components.core.storage import download_prefix
 
     server, _ = s3
     server.client().put_object(Bucket=BUCKET, Key="plant/x.txt", Body=b"x")
@@ -510,7 +510,7 @@ def test_download_never_writes_through_a_planted_partial_symlink(s3, tmp_path):
 
 
 def test_upload_refuses_a_tree_with_a_link_out_of_it(s3, tmp_path):
-    from components.storage import StorageError, upload_dir
+    from components.core.storage import StorageError, upload_dir
 
     server, _ = s3
     secret = tmp_path / "credentials"
@@ -528,7 +528,7 @@ def test_upload_refuses_a_tree_with_a_link_out_of_it(s3, tmp_path):
                                  "s3://bucket/./a", "s3://user:pw@bucket/x", "s3://bucket:9000/x", "s3://UPPER/x",
                                  "s3://bucket/x?versionId=1", "file:///etc/passwd"])
 def test_bad_s3_uris_are_refused(uri, tmp_path):
-    from components.storage import StorageUriError, resolve_local, split_s3
+    from components.core.storage import StorageUriError, resolve_local, split_s3
 
     with pytest.raises(StorageUriError):
         split_s3(uri)
@@ -539,7 +539,7 @@ def test_bad_s3_uris_are_refused(uri, tmp_path):
 
 
 def test_good_s3_uris_split():
-    from components.storage import split_s3
+    from components.core.storage import split_s3
 
     assert split_s3("s3://dynamicid/raw/faces") == ("dynamicid", "raw/faces")
     assert split_s3("s3://my.bucket-1/") == ("my.bucket-1", "")

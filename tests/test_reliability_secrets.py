@@ -23,7 +23,7 @@ from typing import Iterable
 import pytest
 import yaml
 
-from components import redact
+from components.core import redact
 from tests.services import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,7 +153,7 @@ def test_training_run_records_no_credentials(tmp_path: Path, monkeypatch: pytest
     and in the environment; the run is read back from the store with MlflowClient."""
     from mlflow import MlflowClient
 
-    from components.config import params_from_dict
+    from components.core.config import params_from_dict
     from components.train.track import StageTracker
 
     env = canaries(*SECRET_ENV)
@@ -206,8 +206,8 @@ def test_training_run_records_no_credentials(tmp_path: Path, monkeypatch: pytest
 def test_a_tracking_uri_with_credentials_is_not_printed(monkeypatch: pytest.MonkeyPatch) -> None:
     """MLflow prints "View run ... at: <tracking URI>/#/..." after every run on a tracking server;
     setup_mlflow turns that off when the URI carries a password (and only then)."""
-    from components.config import params_from_dict
-    from components.tracking import public_uri, setup_mlflow
+    from components.core.config import params_from_dict
+    from components.core.tracking import public_uri, setup_mlflow
 
     for name in ("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
         monkeypatch.delenv(name, raising=False)

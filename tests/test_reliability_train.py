@@ -477,7 +477,7 @@ def _resume_point_worker(rank: int, port: int, scenarios: list[list[str]], resul
     import torch
     import torch.distributed as tdist
 
-    from components.cli import UserError
+    from components.core.errors import UserError
     from components.train.distributed import DistInfo
     from components.train.loop import resume_point
 

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from components.cli import main
-from components.config import params_from_dict
+from components.core.config import params_from_dict
 from model.checkpoint import read_manifest
 from serving.model_store import ModelSourceError, resolve_model_dir
 
@@ -79,7 +79,7 @@ def test_serve_cli_prints_the_schema_of_the_configured_limits(capsys):
 
 
 def test_serve_params_are_validated_with_key_paths():
-    from components.config import ParamsError
+    from components.core.config import ParamsError
 
     with pytest.raises(ParamsError, match="serve"):
         params_from_dict({"serve": {"min_side": 512, "max_side": 256}})

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
-from components.config import params_from_dict
+from components.core.config import params_from_dict
 from serving.errors import ServingError
 from serving.metrics import ServingMetrics
 

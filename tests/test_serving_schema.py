@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components.config import params_from_dict
+from components.core.config import params_from_dict
 from serving.errors import ServingError
 from serving.protocol import v1_instances, v2_instance, v2_namer
 from serving.schema import Limits, RequestSchema

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components import synth
+from components.synth import dataset as synth
 from components.cli import main as cli_main
-from components.config.data import SynthParams
+from components.core.config.data import SynthParams
 
 SMALL = SynthParams(identities=4, images_per_identity=6, workers=1)
 ANN_KEYS = {"image", "identity", "box", "kps", "landmarks", "landmark_format", "pose", "expression", "attributes"}
@@ -126,7 +126,7 @@ def test_smaller_rerun_removes_files_it_wrote_before(tmp_path: Path):
 
 
 def test_refuses_to_write_over_foreign_data(tmp_path: Path):
-    from components.cli import UserError
+    from components.core.errors import UserError
 
     (tmp_path / "photos").mkdir()
     with pytest.raises(UserError, match="photos"):

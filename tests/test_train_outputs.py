@@ -52,7 +52,7 @@ def chain(tmp_path_factory, cache_dir):
 
 
 def _params(root: Path):
-    from components.config import load_params
+    from components.core.config import load_params
 
     return load_params(root / "params.yaml")
 
@@ -88,7 +88,7 @@ def test_exports_hold_the_trainable_parts_and_load_into_the_pipeline(chain):
     for part in ("face_encoder", "saa"):
         assert all(np.array_equal(parts1[part][k].numpy(), parts2[part][k].numpy()) for k in parts1[part])
     assert all(v.dtype.is_floating_point and v.dtype == parts2["imr"][k].dtype for k, v in parts2["imr"].items())
-    from components.shards import PreparedData
+    from components.core.shards import PreparedData
 
     sample = PreparedData(params.data.prepared).sample(0)
     pipe = load_pipeline(params.model, params.face, reconf, params.storage.cache_dir)
@@ -122,7 +122,7 @@ def test_stage_outputs_for_dvc(chain):
     assert {"heldout_dist_pred", "heldout_dist_source", "imr_gain", "imr_win_rate"} <= set(
         json.loads((root / "runs" / "reconfigure" / "metrics.json").read_text()))
     # stage 1 trained from its frozen-feature cache: one complete cache of exactly the training images
-    from components.shards import PreparedData
+    from components.core.shards import PreparedData
     from components.train.data import holdout_split
 
     caches = list((root / "runs" / "anchor" / "feature_cache").iterdir())
@@ -141,8 +141,8 @@ def test_stage_outputs_for_dvc(chain):
 def test_mlflow_run_holds_params_lineage_metrics_samples_and_the_export(chain):
     from mlflow import MlflowClient
 
-    from components.config import flatten
-    from components.tracking import data_version
+    from components.core.config import flatten
+    from components.core.tracking import data_version
 
     root, _ = chain
     params = _params(root)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from components.config import ParamsError, params_from_dict
-from components.config.train import StageParams, TrainParams
+from components.core.config import ParamsError, params_from_dict
+from components.core.config.train import StageParams, TrainParams
 from components.train.checkpoints import CheckpointStore
 from components.train.data import (
     AnchorSamples,
@@ -38,7 +38,7 @@ def prepared(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def data(prepared):
-    from components.shards import PreparedData
+    from components.core.shards import PreparedData
 
     return PreparedData(prepared)
 
@@ -442,7 +442,7 @@ def test_cache_shards_by_rank_and_is_reused_only_for_the_same_inputs(backbone, p
         assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5) for k in a), p
     # what is stored is what the encoders give
     from model.dynamicid import clip_image_features, text_embeddings
-    from components.train.data import image_tensor
+    from components.train.images import image_tensor
 
     s = data.sample(positions[3])
     row = single.row(positions[3])

@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from components.train.data import Split, image_tensor, noise_seed
+from components.train.data import Split, noise_seed
+from components.train.images import image_tensor
 from components.train.losses import SampleRandom, encode_latents, noised, per_sample_mse
 from model.dynamicid import text_embeddings
 
 if TYPE_CHECKING:
-    from components.shards import PreparedData
+    from components.core.shards import PreparedData
     from components.train.tasks import AnchorTask, ReconfigureTask
 
 # Noise stream of the checks, far from the training slots' seeds.

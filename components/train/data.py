@@ -23,10 +23,12 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
+from components.train.images import image_tensor
+
 if TYPE_CHECKING:
     import torch
 
-    from components.shards import PreparedData, Sample
+    from components.core.shards import PreparedData, Sample
     from components.train.feature_cache import FeatureCache
 
 # Distinct streams of the per-slot generators (order, sample choices, noise).
@@ -106,18 +108,6 @@ class SlotBatches:
 # --------------------------------------------------------------------------- tensors
 
 
-def image_tensor(array: np.ndarray, size: int | None = None) -> "torch.Tensor":
-    """uint8 [H, W, 3] (or [H, W]) -> float [C, size, size] in [0, 1]; resized (bicubic/bilinear) if needed."""
-    import torch
-    from PIL import Image
-
-    if size is not None and (array.shape[0] != size or array.shape[1] != size):
-        resample = Image.BICUBIC if array.ndim == 3 else Image.BILINEAR
-        array = np.asarray(Image.fromarray(array).resize((size, size), resample))
-    t = torch.from_numpy(np.array(array, copy=True)).float() / 255.0  # decoded PNGs are read-only
-    return t.permute(2, 0, 1) if t.ndim == 3 else t[None]
-
-
 class SlotDataset:
     """Map-style dataset over slots. Opens the prepared data lazily (once per DataLoader worker)."""
 
@@ -129,7 +119,7 @@ class SlotDataset:
 
     @cached_property
     def data(self) -> "PreparedData":
-        from components.shards import PreparedData
+        from components.core.shards import PreparedData
 
         return PreparedData(self.root)
 

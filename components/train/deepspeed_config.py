@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from components.config.train import StageParams, TrainParams
+from components.core.config.train import StageParams, TrainParams
 
 # DeepSpeed prints a throughput line every N steps; we log our own (MLflow, progress bar).
 _NEVER = 2**31 - 1

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from components.cli import UserError
+from components.core.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -16,7 +16,7 @@ def preflight(params, stage: str) -> None:
     s3:// inputs are resolved, and checked, by the stage itself)."""
     from pathlib import Path
 
-    from components.storage import is_s3
+    from components.core.storage import is_s3
 
     prepared = params.data.prepared
     if not is_s3(prepared) and not (Path(prepared) / "manifest.json").exists():

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from components.shards import PreparedData
+    from components.core.shards import PreparedData
     from components.train.distributed import DistInfo
     from model.backbone import Backbone
 
@@ -176,7 +176,7 @@ class _Positions(torch.utils.data.Dataset):
 
     @cached_property
     def data(self) -> "PreparedData":
-        from components.shards import PreparedData
+        from components.core.shards import PreparedData
 
         return PreparedData(self.root)
 
@@ -184,7 +184,7 @@ class _Positions(torch.utils.data.Dataset):
         return len(self.positions)
 
     def __getitem__(self, i: int) -> RawSample:
-        from components.train.data import image_tensor
+        from components.train.images import image_tensor
 
         p = self.positions[i]
         s = self.data.sample(p)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
-from components.cli import UserError
+from components.core.errors import UserError
 from components.train.checkpoints import DS_TAG, CheckpointRef, CheckpointStore
 from components.train.data import SlotBatches, collate, to_device
 from components.train.deepspeed_config import deepspeed_config
@@ -26,8 +26,8 @@ from components.train.distributed import DistInfo
 if TYPE_CHECKING:
     from PIL import Image
 
-    from components.config import Params
-    from components.config.train import StageParams
+    from components.core.config import Params
+    from components.core.config.train import StageParams
     from components.train.tasks import Task
     from components.train.track import StageTracker
 

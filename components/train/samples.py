@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 
 if TYPE_CHECKING:
-    from components.config import Params
-    from components.shards import PreparedData, Sample
+    from components.core.config import Params
+    from components.core.shards import PreparedData, Sample
     from components.train.tasks import DynamicIDTask
 
 
@@ -56,7 +56,7 @@ def _pipeline(task: "DynamicIDTask", params: "Params"):
 
 @torch.no_grad()
 def _clip(task: "DynamicIDTask", samples: list["Sample"]) -> torch.Tensor:
-    from components.train.data import image_tensor
+    from components.train.images import image_tensor
     from model.dynamicid import clip_image_features
 
     crops = torch.stack([image_tensor(s.face_crop) for s in samples]).to(task.backbone.image_encoder.device)
@@ -126,7 +126,7 @@ def base_grid(backbone, samples: list["Sample"], params: "Params") -> Image.Imag
 @torch.no_grad()
 def vae_grid(vae: torch.nn.Module, samples: list["Sample"], resolution: int) -> Image.Image:
     """Rows: real images, their reconstructions (posterior mean)."""
-    from components.train.data import image_tensor
+    from components.train.images import image_tensor
 
     x = torch.stack([image_tensor(s.pixels, resolution) for s in samples]).to(device=vae.device, dtype=vae.dtype)
     rec = vae.decode(vae.encode(x * 2 - 1).latent_dist.mean).sample

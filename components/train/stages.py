@@ -28,13 +28,13 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from components.cli import UserError
+from components.core.errors import UserError
 from components.train.checkpoints import CheckpointStore
 from components.train.distributed import DistInfo
 
 if TYPE_CHECKING:
-    from components.config import Params
-    from components.shards import PreparedData
+    from components.core.config import Params
+    from components.core.shards import PreparedData
     from components.train.data import Split
 
 log = logging.getLogger(__name__)
@@ -102,8 +102,8 @@ def _first_local(dist: DistInfo, fn: Callable[[], Any]) -> Any:
 
 def resolved_params(run: StageRun) -> "Params":
     """s3:// model and data locations made local (downloaded once per machine)."""
-    from components.runtime import resolve_model_paths
-    from components.storage import is_s3, resolve_local
+    from components.core.runtime import resolve_model_paths
+    from components.core.storage import is_s3, resolve_local
 
     def resolve() -> "Params":
         p = resolve_model_paths(run.params)
@@ -116,7 +116,7 @@ def resolved_params(run: StageRun) -> "Params":
 
 
 def open_data(params: "Params") -> tuple[Path, "PreparedData", "Split"]:
-    from components.shards import PreparedData
+    from components.core.shards import PreparedData
     from components.train.data import holdout_split
 
     root = Path(params.data.prepared)
@@ -196,7 +196,8 @@ def skip_base(params: "Params") -> int:
 
 def run_base(run: StageRun) -> dict[str, float]:
     from components.train.base_tasks import BaseUNetTask, VAETask, latent_scale
-    from components.train.data import CaptionedImages, image_tensor
+    from components.train.data import CaptionedImages
+    from components.train.images import image_tensor
     from components.train.loop import FitSpec, fit
     from components.train.samples import base_grid, vae_grid
     from components.train.track import StageTracker

@@ -1,9 +1,9 @@
 """Prepared shards of the synthetic test-bed built directly from the renderer (no face detector).
 
 A stand-in for ``dynamicid synth`` + ``dynamicid prepare`` used by the training tests and by
-``scripts/learning_check.py``: it renders images with ``components.synth.render_sample``,
+``scripts/learning_check.py``: it renders images with ``components.synth.dataset.render_sample``,
 takes faces and landmarks from the renderer's exact annotations and writes rows in the shard
-format with ``components.shards.write_shards``. The trainer itself only ever reads shards.
+format with ``components.core.shards.write_shards``. The trainer itself only ever reads shards.
 
 Identity embeddings: ``"dlib"`` runs the real dlib recognizer on each rendered image (what
 ``prepare`` does in the tiny profile; images where it finds no single face are skipped), and
@@ -32,8 +32,8 @@ def build_rows(identities: int, images_per_identity: int, *, render_size: int = 
                test_identities: int = 0, seed: int = 0) -> list[dict[str, Any]]:
     from PIL import Image
 
-    from components.shards import encode_png
-    from components.synth import png_bytes, render_sample
+    from components.core.shards import encode_png
+    from components.synth.dataset import png_bytes, render_sample
     from model.landmarks import render_landmarks
     from model.motion import face_prompt
     from model.pipeline import face_crop_box
@@ -77,7 +77,7 @@ def build_rows(identities: int, images_per_identity: int, *, render_size: int = 
 
 
 def write_testbed(out: str | Path, identities: int, images_per_identity: int, **kw: Any) -> dict[str, Any]:
-    from components.shards import write_shards
+    from components.core.shards import write_shards
 
     rows = build_rows(identities, images_per_identity, **kw)
     return write_shards(out, rows, shard_size=256, manifest_extra={"source": "components.train.testbed"})

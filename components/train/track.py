@@ -36,9 +36,9 @@ class StageTracker:
     def start(self, resume: bool, extra_params: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        from components.config import flatten, params_hash
-        from components.redact import known_secrets, redact_params
-        from components.tracking import data_version, git_commit, setup_mlflow
+        from components.core.config import flatten, params_hash
+        from components.core.redact import known_secrets, redact_params
+        from components.core.tracking import data_version, git_commit, setup_mlflow
 
         # Nothing may reach the network at run time; MLflow 3 would fetch a telemetry config.
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

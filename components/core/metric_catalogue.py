@@ -1,0 +1,104 @@
+"""The metric catalogue (names, directions, meanings) and the edit-text parser: what params validation, the
+evaluation and the gate must agree on, importable without torch. Names are ``<kind>.<leaf>`` with kind
+``single``, ``multi<N>`` (N identities per image) or ``edit``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    pass
+
+
+
+Direction = Literal["higher", "lower"]
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    direction: Direction
+    description: str
+
+
+_ID = "identity cosine similarity, reference vs detected generated face; a missed face counts 0"
+
+
+SINGLE: dict[str, MetricInfo] = {
+    "id_similarity": MetricInfo("higher", _ID),
+    "region_similarity": MetricInfo("higher", "identity similarity of the embedded layout-region crop (no detection)"),
+    "detection_failure_rate": MetricInfo("lower", "fraction of expected faces the detector did not find"),
+    "clip_t": MetricInfo("higher", "CLIP image-text cosine of generated image and prompt"),
+    "baseline_id_similarity": MetricInfo("higher", "id_similarity of the same prompt/seed with ID injection off"),
+    "baseline_detection_failure_rate": MetricInfo("lower", "detection_failure_rate with ID injection off"),
+    "baseline_clip_t": MetricInfo("higher", "clip_t with ID injection off"),
+    "baseline_region_similarity": MetricInfo("higher", "region_similarity with ID injection off"),
+    "region_lift": MetricInfo("higher", "region_similarity - baseline_region_similarity"),
+    "id_lift": MetricInfo("higher", "id_similarity - baseline_id_similarity: what the ID path adds"),
+    "clip_t_delta": MetricInfo("higher", "clip_t - baseline_clip_t: text alignment the ID path costs (< 0) or adds"),
+}
+
+
+MULTI: dict[str, MetricInfo] = {
+    **SINGLE,
+    "id_similarity": MetricInfo("higher", _ID + "; faces matched to references by Hungarian assignment"),
+    "confusion_rate": MetricInfo("lower", "fraction of matched faces more similar to another person's reference"),
+}
+
+
+EDIT: dict[str, MetricInfo] = {
+    "id_similarity": MetricInfo("higher", _ID + ", on the edited output"),
+    "detection_failure_rate": MetricInfo("lower", "fraction of edited outputs without a detected face"),
+    "pose_error": MetricInfo("lower", "mean |measured - requested| of yaw and pitch in degrees (pose edits)"),
+    "expression_agreement": MetricInfo("higher", "fraction of expression edits whose estimated expression matches"),
+    "baseline_pose_error": MetricInfo("lower", "pose_error of the unedited output (same identity, prompt, seed)"),
+    "baseline_expression_agreement": MetricInfo("higher", "expression_agreement of the unedited output"),
+    "pose_error_gain": MetricInfo("higher", "baseline_pose_error - pose_error: degrees the edit moves towards the request"),
+    "expression_agreement_gain": MetricInfo("higher", "expression_agreement - baseline_expression_agreement"),
+}
+
+
+_NAME = re.compile(r"^(single|multi(\d+)|edit)\.([a-z_]+)$")
+
+
+def metric_info(name: str) -> MetricInfo:
+    """Catalogue entry of a metric name; KeyError with the known names when unknown."""
+    m = _NAME.match(name)
+    table = None
+    if m:
+        kind = m.group(1)
+        table = SINGLE if kind == "single" else EDIT if kind == "edit" else MULTI if int(m.group(2)) >= 2 else None
+    if table is None or m is None or m.group(3) not in table:
+        raise KeyError(
+            f"unknown metric {name!r}; known: single.<{'|'.join(SINGLE)}>, multi<N>.<{'|'.join(MULTI)}> (N >= 2), "
+            f"edit.<{'|'.join(EDIT)}>"
+        )
+    return table[m.group(3)]
+
+
+def higher_is_better(name: str) -> bool:
+    return metric_info(name).direction == "higher"
+
+
+@dataclass(frozen=True)
+class EditTarget:
+    """What an edit prompt asks for: an expression, a pose, or both."""
+
+    text: str
+    expression: str | None
+    yaw: float
+    pitch: float
+    pose_requested: bool
+
+
+def edit_target(text: str) -> EditTarget:
+    """Parse an edit ("the expression is happy", "the face is turned to the left") with the same
+    parser the IMR's face prompts use (model.motion.parse_face_prompt); ValueError if it asks nothing."""
+    from model.motion import parse_face_prompt
+
+    fp = parse_face_prompt(text)
+    low = text.lower()
+    pose = fp.yaw != 0.0 or fp.pitch != 0.0 or "frontal" in low
+    return EditTarget(text=text, expression=fp.expression, yaw=fp.yaw, pitch=fp.pitch, pose_requested=pose)

@@ -1,0 +1,2 @@
+"""``dynamicid prepare``: raw faces -> embeddings, landmarks, pose, face prompts -> shards, splits, report.
+"""

@@ -1,0 +1,2 @@
+"""``dynamicid summary``: what the chain produced, read back from its outputs.
+"""

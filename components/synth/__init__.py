@@ -1,0 +1,2 @@
+"""``dynamicid synth``: the deterministic synthetic face test-bed (embedded default only).
+"""
