@@ -20,7 +20,7 @@ from components.core.errors import UserError
 Obj = dict[str, Any]
 
 # Next to the packages in a source checkout and in the wheel (pyproject force-includes k8s/base).
-K8S_BASE = Path(__file__).resolve().parents[1] / "k8s" / "base"
+K8S_BASE = Path(__file__).resolve().parents[2] / "k8s" / "base"  # the repository (or wheel) root
 SA_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 # Kubernetes expands $(VAR) in command/args; params text must reach the CLI verbatim.
 _EXPANSION = "$("
