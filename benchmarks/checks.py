@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 
 from benchmarks.release_design import ReleaseContext
-from model.fast import BucketStepRunner
-from model.saa import IDContext
+from model.fast.buckets import BucketStepRunner
+from model.saa.context import IDContext
 
 # Two-identity layouts (y0, x0, y1, x1), non-overlapping (the release's routing is undefined on overlaps).
 LAYOUTS: dict[str, list[list[float]] | None] = {

@@ -19,7 +19,7 @@ import torch
 from benchmarks.checks import rel_err
 from benchmarks.sd15 import build_backbone, model_params
 from benchmarks.timing import GIB, free, time_wall
-from model.face_analysis import Face
+from model.face_analysis.face import Face
 
 
 class InstantAnalyzer:
@@ -53,7 +53,7 @@ def build_pipeline(size: str, device: torch.device):
     from model.config import FaceParams
     from model.dynamicid import build_dynamicid
     from model.pipeline import DynamicIDPipeline
-    from model.saa import merge_lora
+    from model.saa.install import merge_lora
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     backbone = build_backbone(size, device, dtype)
@@ -300,7 +300,7 @@ def _profile_images(image, cases: dict, out: Path, info: dict, log: Callable) ->
 
 def run_images(size: str, device: torch.device, reps: int, steps: int, res: int, log: Callable,
                out: Path | None = None, profile: bool = False) -> tuple[list, dict]:
-    from model.fast import enable_fast_path
+    from model.fast.enable import enable_fast_path
     from model.pipeline import IdentityInput
 
     pipe = build_pipeline(size, device)

@@ -1,7 +1,7 @@
 """The research release's attention-processor design, re-implemented as a measurement baseline.
 
 Written from the facts in /work/shared/method.md ("Where the release is wrong or slow"), not
-from the release's code. It computes the same SAA function as model/saa.py (checked by
+from the release's code. It computes the same SAA function as model/saa/ (checked by
 benchmarks/checks.py) the way the release does, i.e. slowly:
 
 * self-attention with LoRA builds the full attention matrix ([B*heads, HW, HW]) with

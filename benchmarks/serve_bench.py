@@ -59,7 +59,7 @@ def run_inprocess(size: str, device, levels: list[int], requests_per_client: int
     import torch
 
     from benchmarks.image_bench import build_pipeline
-    from model.fast import enable_fast_path
+    from model.fast.enable import enable_fast_path
     from serving.batching import Batcher
     from serving.engine import Engine, Job
     from serving.images import encode_png

@@ -20,8 +20,10 @@ from benchmarks.decoupled import install_decoupled
 from benchmarks.release_design import ReleaseContext, install_release
 from benchmarks.sd15 import build_unet, param_bytes
 from benchmarks.timing import GIB, GraphStep, eager_peak_bytes, free, time_calls
-from model.fast import BucketStepRunner, install_fast_processors
-from model.saa import IDContext, install_saa, merge_lora
+from model.fast.buckets import BucketStepRunner
+from model.fast.processor import install_fast_processors
+from model.saa.context import IDContext
+from model.saa.install import install_saa, merge_lora
 
 TEXT_LEN = 77
 PRODUCT = "saa fast [cl]"  # the fast path as enable_fast_path configures it on CUDA

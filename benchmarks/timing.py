@@ -73,7 +73,7 @@ def time_wall(fn: Callable[[], object], device: torch.device, reps: int, warmup:
 
 class GraphStep:
     """One UNet step captured as a CUDA graph with static inputs; a call copies new latents in,
-    replays and clones the output (the same work per step as model.fast's runner)."""
+    replays and clones the output (the same work per step as model.fast.buckets' runner)."""
 
     def __init__(self, fn: Callable[[Tensor], Tensor], latents: Tensor, warmup: int = 2):
         self.latents = latents.clone()

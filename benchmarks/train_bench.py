@@ -167,7 +167,7 @@ def run_training(size: str, device: torch.device, batch: int, res: int, steps: i
     from components.train.feature_cache import FeatureCache, build_feature_cache, encode_batch, offload
     from components.train.tasks import AnchorTask
     from model.dynamicid import build_dynamicid
-    from model.saa import install_saa
+    from model.saa.install import install_saa
 
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32

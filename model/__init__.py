@@ -1,5 +1,5 @@
 """DynamicID model package: torch + diffusers only.
 
-Submodules are imported on demand (``from model.saa import ...``) so that light users
+Submodules are imported on demand (``from model.saa.install import ...``) so that light users
 (params validation, the CLI's ``--help``) never pay for importing torch.
 """

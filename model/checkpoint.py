@@ -105,7 +105,7 @@ def save_checkpoint(
         **(extra or {}),
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    _fsync_dir(tmp)
+    _fsync_files_under(tmp)
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         out.rename(old)
@@ -117,7 +117,8 @@ def save_checkpoint(
     return out
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_files_under(path: Path) -> None:
+    """Flush every file's contents under a directory to disk before it is renamed into place."""
     for p in path.rglob("*"):
         if p.is_file():
             with open(p, "rb") as fh:

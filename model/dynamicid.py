@@ -48,7 +48,7 @@ class DynamicID(nn.Module):
         super().__init__()
         from model.face_encoder import FaceEncoder
         from model.imr import IMR, KeypointEncoder
-        from model.saa import install_saa
+        from model.saa.install import install_saa
 
         fe, im = dims.face_encoder, dims.imr
         self.dims = dims
@@ -75,7 +75,7 @@ class DynamicID(nn.Module):
 
     # ---------------------------------------------------------------- checkpoint parts
     def state_parts(self, unet: nn.Module, parts: Sequence[str] = ("saa", "face_encoder", "imr", "keypoint_encoder")):
-        from model.saa import saa_state_dict
+        from model.saa.install import saa_state_dict
 
         out = {}
         for name in parts:
@@ -83,7 +83,7 @@ class DynamicID(nn.Module):
         return out
 
     def load_parts(self, unet: nn.Module, manifest: dict, parts: dict[str, dict[str, torch.Tensor]]) -> None:
-        from model.saa import load_saa_state_dict
+        from model.saa.install import load_saa_state_dict
 
         check_dims(manifest, self.dims)
         for name, state in parts.items():

@@ -76,7 +76,7 @@ def load_pipeline(
         manifest, parts = load_parts(checkpoint)
         dyn.load_parts(backbone.unet, manifest, parts)
     if fuse_lora:
-        from model.saa import merge_lora
+        from model.saa.install import merge_lora
 
         merge_lora(backbone.unet)
     dev = resolve_device(device or params.device)

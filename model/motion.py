@@ -195,7 +195,7 @@ def estimate_expression(
     return "neutral"
 
 
-# Head-pose words. Angles in degrees with the convention of model.face_analysis.estimate_head_pose:
+# Head-pose words. Angles in degrees with the convention of model.face_analysis.geometry.estimate_head_pose:
 # yaw > 0 when the nose points to the image's right, pitch > 0 when it points up.
 FRONTAL_DEG = 10.0  # |angle| below: no word for that axis
 STRONG_DEG = 25.0  # |angle| from here: no "slightly"

@@ -25,7 +25,7 @@ from PIL import Image
 from model.backbone import Backbone
 from model.config import FaceParams, ModelParams
 from model.dynamicid import DynamicID, clip_image_features, text_embeddings
-from model.face_analysis import face_crop_box  # noqa: F401  (re-exported: inference crop box)
+from model.face_analysis.face import face_crop_box  # noqa: F401  (re-exported: inference crop box)
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ class DynamicIDPipeline(DiffusionPipeline):
 
     def analyzer(self):
         if self.face_analyzer is None:
-            from model.face_analysis import build_face_analyzer
+            from model.face_analysis.backends import build_face_analyzer
 
             self.face_analyzer = build_face_analyzer(self.face_params, self.model_params.profile)
         return self.face_analyzer
@@ -154,7 +154,7 @@ class DynamicIDPipeline(DiffusionPipeline):
 
     def regions(self, identities: Sequence[IdentityInput]) -> torch.Tensor:
         """[N, 4] regions: given boxes, and equal vertical strips for identities without one."""
-        from model.saa import default_regions
+        from model.saa.regions import default_regions
 
         strips = default_regions(len(identities))
         rows = [torch.tensor([float(v) for v in ident.bbox]) if ident.bbox is not None else strips[i]
@@ -164,7 +164,7 @@ class DynamicIDPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------ identity encoding
     def _analyse(self, ident: IdentityInput, who: str) -> dict[str, Any]:
         """Reference image -> embedding, face crop [3, S, S] in [0, 1], landmark image, face prompt."""
-        from model.face_analysis import FaceAnalysisError, pick_face
+        from model.face_analysis.face import FaceAnalysisError, pick_face
         from model.landmarks import render_landmarks
         from model.motion import estimate_expression, face_prompt
 
@@ -276,7 +276,7 @@ class DynamicIDPipeline(DiffusionPipeline):
         """One UNet evaluation: latents [B, C, h, w], states [B, T + N*K, D] -> noise [B, C, h, w].
 
         ``self.step_runner`` (same signature), when set, replaces it: the fast path
-        (model/fast.py) installs a captured/compiled runner there.
+        (model/fast/) installs a captured/compiled runner there.
         """
         kwargs = {"cross_attention_kwargs": {"id_context": ctx}} if ctx is not None else {}
         return self.unet(latents, t, encoder_hidden_states=states, **kwargs).sample
@@ -298,7 +298,7 @@ class DynamicIDPipeline(DiffusionPipeline):
     ) -> DynamicIDOutput:
         """``encoded``: per-sample results of ``encode_identities`` already computed by the caller
         (the server analyses faces per request before batching), so no face is analysed twice."""
-        from model.saa import IDContext
+        from model.saa.context import IDContext
 
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         b = len(prompts)

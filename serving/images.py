@@ -94,7 +94,8 @@ def check_header(raw: bytes, field: str, max_pixels: int, formats: Sequence[str]
 
 def decode_image(text: str, field: str, max_bytes: int, max_pixels: int, formats: Sequence[str]) -> np.ndarray:
     """Base64 image -> RGB uint8 [H, W, 3] (EXIF orientation applied), or a ServingError naming ``field``."""
-    from model.face_analysis import FaceAnalysisError, load_image
+    from model.face_analysis.face import FaceAnalysisError
+    from model.face_analysis.images import load_image
 
     try:
         raw = b64decode_bounded(text, field, max_bytes)

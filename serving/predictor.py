@@ -75,7 +75,7 @@ class DynamicIDModel(Model):
             pipe = pipeline_from_params(self.params, self.checkpoint)
             pipe.set_progress(False)
             if self.serve.fast_path != "off":
-                from model.fast import enable_fast_path
+                from model.fast.enable import enable_fast_path
 
                 res = self.limits.resolution
                 enable_fast_path(pipe, mode=self.serve.fast_path,

@@ -296,7 +296,7 @@ def write_face_dataset(out_dir: Path, group_photo: Path, single_face_photo: Path
     from PIL import Image
 
     from components.core.shards import write_shards
-    from model.face_analysis import DlibFaceAnalyzer
+    from model.face_analysis.backends import DlibFaceAnalyzer
     from model.pipeline import face_crop_box
 
     analyzer = DlibFaceAnalyzer()

@@ -12,10 +12,17 @@ import pytest
 from PIL import Image
 
 from components.core.config import params_from_dict
-from components.evaluate.metrics import ClipScorer, aggregate, assign_faces, clip_model_path, pose_error, region_box, similarity_matrix
 from components.core.metric_catalogue import edit_target, metric_info
+from components.evaluate.metrics import (
+    ClipScorer,
+    aggregate,
+    assign_faces,
+    clip_model_path,
+    pose_error,
+    region_box,
+    similarity_matrix,
+)
 from tests.services import write_face_dataset
-
 
 pytestmark = pytest.mark.usefixtures("module_cwd")  # MLflow writes ./mlruns; params.yaml is not ours
 
@@ -41,7 +48,7 @@ def params(tiny_params, prepared, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def analyzer():
-    from model.face_analysis import DlibFaceAnalyzer
+    from model.face_analysis.backends import DlibFaceAnalyzer
 
     return DlibFaceAnalyzer()
 
@@ -175,7 +182,9 @@ def people(analyzer, group_photo):
 
 
 def test_scoring_real_faces_single_multi_edit_and_missed(people, analyzer, clip):
-    from components.evaluate.stage import EvalSet, FaceCache, Generated, Job, Reference, score
+    from components.evaluate.evalset import EvalSet, Job, Reference
+    from components.evaluate.generation import Generated
+    from components.evaluate.scoring import FaceCache, score
 
     (ref_a, alt_a), (ref_b, alt_b) = people
     emb = {k: analyzer.detect(v)[0].embedding for k, v in {"a": ref_a, "b": ref_b}.items()}
@@ -241,8 +250,8 @@ def test_scoring_real_faces_single_multi_edit_and_missed(people, analyzer, clip)
 
 
 def test_eval_set_is_fixed_and_its_hash_tracks_the_definition(params, analyzer):
-    from components.evaluate.stage import build_eval_set
     from components.core.shards import PreparedData
+    from components.evaluate.evalset import build_eval_set
 
     a = build_eval_set(params, analyzer, clip_id="c")
     b = build_eval_set(params, analyzer, clip_id="c")
@@ -265,7 +274,7 @@ def test_eval_set_is_fixed_and_its_hash_tracks_the_definition(params, analyzer):
 
 def test_multi_id_larger_than_the_test_split_is_a_user_error(params, analyzer):
     from components.core.errors import UserError
-    from components.evaluate.stage import build_eval_set
+    from components.evaluate.evalset import build_eval_set
 
     p = params.model_copy(deep=True)
     p.evaluate.multi_id = [4]

@@ -1,4 +1,4 @@
-"""model/face_analysis.py on real images and real models.
+"""model/face_analysis/ on real images and real models.
 
 dlib: the face-recognition-models weights on insightface's bundled photos (t1.jpg: six people;
 Tom_Hanks_54745.png: an ArcFace-aligned 112 px crop). insightface: its real FaceAnalysis code path
@@ -12,26 +12,16 @@ import io
 from pathlib import Path
 
 import cv2
+import insightface
 import numpy as np
 import pytest
 from PIL import Image
 
-import insightface
 from model.config import FaceParams
-from model.face_analysis import (
-    HEAD_MODEL_POINTS,
-    DlibFaceAnalyzer,
-    FaceAnalysisError,
-    FaceAnalyzer,
-    InsightFaceAnalyzer,
-    MultipleFacesError,
-    NoFaceError,
-    align_face,
-    build_face_analyzer,
-    estimate_head_pose,
-    load_image,
-    pick_face,
-)
+from model.face_analysis.backends import DlibFaceAnalyzer, InsightFaceAnalyzer, build_face_analyzer
+from model.face_analysis.face import FaceAnalysisError, FaceAnalyzer, MultipleFacesError, NoFaceError, pick_face
+from model.face_analysis.geometry import HEAD_MODEL_POINTS, align_face, estimate_head_pose
+from model.face_analysis.images import load_image
 from model.motion import estimate_expression
 from tests.fixtures.insightface_pack import PackFace, build_insightface_pack
 
@@ -407,8 +397,8 @@ def test_load_image_keeps_16_bit_grey_and_composites_alpha_like_prepare(tmp_path
 
     from PIL import Image
 
-    from components.prepare.item import decode_image
-    from model.face_analysis import load_image
+    from components.prepare.decode import decode_image
+    from model.face_analysis.images import load_image
 
     ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)  # 0..65520
     buf = io.BytesIO()

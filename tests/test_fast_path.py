@@ -1,4 +1,4 @@
-"""The fast inference path (model/fast.py) computes what the plain path computes.
+"""The fast inference path (model/fast/) computes what the plain path computes.
 
 CPU, tiny profile: the bucket runner runs eagerly here (mode "eager"), through the same
 static buffers that CUDA graphs replay on a GPU, so a stale mask or scale would show here
@@ -14,17 +14,15 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from model.dynamicid import clip_image_features
-from model.fast import (
-    BucketStepRunner,
-    FastSAAProcessor,
-    _gate_add_functional,
-    enable_fast_path,
-    fast_processors,
-    gate_add_eager,
-)
+from model.fast.buckets import BucketStepRunner
+from model.fast.enable import enable_fast_path
+from model.fast.gate import _gate_add_functional, gate_add_eager
+from model.fast.processor import FastSAAProcessor, fast_processors
 from model.loading import init_checkpoint, load_pipeline
 from model.pipeline import IdentityInput
-from model.saa import IDContext, SAAAttnProcessor, install_saa, merge_lora
+from model.saa.context import IDContext
+from model.saa.install import install_saa, merge_lora
+from model.saa.processor import SAAAttnProcessor
 
 TOL = 2e-4  # fp32 images in [0, 1]: the fast path reorders a few float ops (scale into V, 1/(b+1) as a product)
 
@@ -56,7 +54,7 @@ def unet_pair():
     plain = _tiny_unet()
     fast = _tiny_unet()
     runner = BucketStepRunner(fast, capture=False, precomputed=True)
-    from model.fast import install_fast_processors
+    from model.fast.processor import install_fast_processors
 
     install_fast_processors(fast, "eager")
     assert len(fast_processors(fast)) == 7 and all(p.fast_ok for _, _, p in fast_processors(fast))
@@ -148,10 +146,10 @@ def test_gate_functional_matches_eager():
             want = gate_add_eager(out.clone(), act, id_out, 0.3, gating, boost)
             got = _gate_add_functional(out, act, id_out, *(boost or (None, None)), 0.3, gating)
             torch.testing.assert_close(got, want)
-    # the threshold: a(q) < tau is zeroed, a(q) == tau is kept (model/saa.py's rule)
+    # the threshold: a(q) < tau is zeroed, a(q) == tau is kept (model/saa/processor.py's rule)
     lin = torch.linspace(0, 1, 11).view(1, 11, 1)  # a(q) = 0, 0.1, ..., 1 exactly after min-max
     res = gate_add_eager(torch.zeros(1, 11, 1, 1), lin, torch.ones(1, 11, 1, 1), 0.3, True, None).flatten()
-    from model.fast import _tau_below
+    from model.fast.gate import _tau_below
 
     res2 = gate_add_eager(torch.zeros(1, 11, 1, 1), lin, torch.ones(1, 11, 1, 1), _tau_below(float(lin[0, 3])),
                           True, None).flatten()
@@ -261,7 +259,7 @@ def test_disable_restores_plain_processors(spare):
 def test_graphed_encoders_keep_modules_and_pass_through_on_cpu(spare):
     """The encoders keep their identity, parameters and outputs; on a CPU the graphs are bypassed,
     and with gradients enabled (training) the plain forward runs."""
-    from model.fast import GraphedForward
+    from model.fast.graphed import GraphedForward
 
     pipe = spare
     enc, fe = pipe.backbone.image_encoder, pipe.dynamicid.face_encoder

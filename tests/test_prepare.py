@@ -19,13 +19,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components.prepare import stage as prep
-from components.core.errors import UserError
 from components.cli import main as cli_main
 from components.core.config import params_from_dict
 from components.core.config.data import SynthParams
-from components.prepare.item import face_crop_box, item_key
+from components.core.errors import UserError
 from components.core.shards import PreparedData
+from components.prepare.assemble import assign_splits
+from components.prepare.geometry import face_crop_box
+from components.prepare.results import item_key
+from components.prepare.stage import prepare, summary_line
 from components.synth.dataset import synthesize
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,13 +66,13 @@ def raw(tmp_path_factory, group_photo, single_face_photo) -> Path:
 def prepared(raw, tmp_path_factory) -> tuple[Path, dict, object]:
     base = tmp_path_factory.mktemp("prepared")
     params = _params(base / "cache", detection_check=12)
-    summary = prep.prepare(raw, base / "out", params, progress=False)
+    summary = prepare(raw, base / "out", params, progress=False)
     return base / "out", summary, params
 
 
 @pytest.fixture(scope="module")
 def dlib_analyzer():
-    from model.face_analysis import DlibFaceAnalyzer
+    from model.face_analysis.backends import DlibFaceAnalyzer
 
     return DlibFaceAnalyzer()
 
@@ -85,12 +87,13 @@ def test_summary_counts_and_rejects(prepared, raw):
     assert rejects["bad_samples/04_duplicate.png"]["detail"] == "same bytes as id_0000/0000.png"  # annotated copy kept
     assert "truncated" in rejects["bad_samples/00_truncated_png.png"]["detail"]
     assert summary["accepted"] == 37 and summary["rejected"] == 7
-    line = prep.summary_line(summary)
+    line = summary_line(summary)
     assert line.startswith("prepare: 44 images -> 37 samples of 7 identities") and "multiple_faces 2" in line
 
 
 def test_annotated_sample_columns_match_independent_computation(prepared, raw, dlib_analyzer):
-    from model.face_analysis import align_face, load_image
+    from model.face_analysis.geometry import align_face
+    from model.face_analysis.images import load_image
     from model.landmarks import render_landmarks
     from model.motion import face_prompt
     from model.pipeline import face_crop_box as pipeline_crop_box
@@ -127,7 +130,8 @@ def test_annotated_sample_columns_match_independent_computation(prepared, raw, d
 
 
 def test_detected_real_photo_goes_end_to_end(prepared, raw, dlib_analyzer):
-    from model.face_analysis import load_image, pick_face
+    from model.face_analysis.face import pick_face
+    from model.face_analysis.images import load_image
     from model.motion import estimate_expression, face_prompt
 
     out, _, _ = prepared
@@ -154,7 +158,7 @@ def test_splits_are_by_identity_and_manifest(prepared):
     assert all(len(v) == 1 for v in split_of.values())
     test_ids = sorted(i for i, v in split_of.items() if v == {"test"})
     assert len(test_ids) == 1  # round(0.125 * 7 identities)
-    assert test_ids == sorted(i for i, sp in prep.assign_splits(sorted(split_of), 0.125, 0.0, 0).items() if sp == "test")
+    assert test_ids == sorted(i for i, sp in assign_splits(sorted(split_of), 0.125, 0.0, 0).items() if sp == "test")
     m = data.manifest
     assert (m["embedding_dim"], m["landmark_count"], m["landmark_format"], m["face_backend"]) == (128, 68, "ibug68", "dlib")
     assert (m["image_size"], m["crop_size"], m["landmark_size"]) == (64, 64, 96)  # from the tiny profile
@@ -162,17 +166,17 @@ def test_splits_are_by_identity_and_manifest(prepared):
 
 def test_assign_splits_fractions_and_stability():
     names = [f"p{i:03d}" for i in range(200)]
-    sp = prep.assign_splits(names, 0.1, 0.05, seed=3)
+    sp = assign_splits(names, 0.1, 0.05, seed=3)
     c = Counter(sp.values())
     assert (c["test"], c["val"], c["train"]) == (20, 10, 170)
-    assert prep.assign_splits(list(reversed(names)), 0.1, 0.05, seed=3) == sp  # order-free
-    assert prep.assign_splits(names, 0.1, 0.05, seed=4) != sp
-    assert set(prep.assign_splits(["a", "b"], 0.5, 0.5, 0).values()) == {"test", "train"}  # train never emptied
-    assert prep.assign_splits(["a"], 0.5, 0.0, 0) == {"a": "train"}
+    assert assign_splits(list(reversed(names)), 0.1, 0.05, seed=3) == sp  # order-free
+    assert assign_splits(names, 0.1, 0.05, seed=4) != sp
+    assert set(assign_splits(["a", "b"], 0.5, 0.5, 0).values()) == {"test", "train"}  # train never emptied
+    assert assign_splits(["a"], 0.5, 0.0, 0) == {"a": "train"}
 
 
 def test_report_histograms_and_detection_rate(prepared, raw, dlib_analyzer):
-    from model.face_analysis import load_image
+    from model.face_analysis.images import load_image
 
     out, summary, _ = prepared
     report = json.loads((out / "data_report.json").read_text())
@@ -204,7 +208,7 @@ def test_report_histograms_and_detection_rate(prepared, raw, dlib_analyzer):
 
 
 def test_rerun_does_no_work_and_changes_nothing(prepared, raw, monkeypatch):
-    import model.face_analysis
+    import model.face_analysis.backends
     from components.prepare.source import LocalSource
 
     out, _, params = prepared
@@ -213,9 +217,9 @@ def test_rerun_does_no_work_and_changes_nothing(prepared, raw, monkeypatch):
     def forbidden(*a, **k):
         raise AssertionError("a rerun must not load models or read images")
 
-    monkeypatch.setattr(model.face_analysis, "build_face_analyzer", forbidden)
+    monkeypatch.setattr(model.face_analysis.backends, "build_face_analyzer", forbidden)
     monkeypatch.setattr(LocalSource, "read", forbidden)
-    again = prep.prepare(raw, out, params, progress=False)
+    again = prepare(raw, out, params, progress=False)
     assert (again["analysed"], again["cached"], again["up_to_date"]) == (0, 44, True)
     assert {f: ((out / f).stat().st_mtime_ns, (out / f).read_bytes()) for f in OUTPUT_FILES} == before
 
@@ -227,7 +231,7 @@ def test_content_addressing_reanalyses_only_changed_bytes(prepared, raw, tmp_pat
     target = copy / "id_0003" / "0002.png"
     with Image.open(target) as im:
         im.save(target, compress_level=9)  # same pixels, different bytes
-    summary = prep.prepare(copy, tmp_path / "out", params, progress=False)
+    summary = prepare(copy, tmp_path / "out", params, progress=False)
     assert summary["analysed"] == 1 and summary["accepted"] == 37  # 43 files found cached by content
     a, b = PreparedData(out), PreparedData(tmp_path / "out")
     changed = [i for i, (ra, rb) in enumerate(zip(a.index, b.index)) if ra["key"] != rb["key"]]
@@ -239,7 +243,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(prepared, raw, tmp_path)
     _, _, params = prepared
     # Reference: same input, uninterrupted (its results are all in the fixture's cache already).
     ref = tmp_path / "ref"
-    prep.prepare(raw, ref, params.model_copy(update={"prepare": params.prepare.model_copy(
+    prepare(raw, ref, params.model_copy(update={"prepare": params.prepare.model_copy(
         update={"detection_check": 0})}), progress=False)
     work, out = tmp_path / "work", tmp_path / "out"
     sets = {"storage.cache_dir": str(tmp_path / "cache"), "prepare.work_dir": str(work), "prepare.detection_check": 0}
@@ -258,7 +262,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(prepared, raw, tmp_path)
     time.sleep(0.5)
     done = len(list(work.glob("items/*/*.json")))
     assert 10 <= done < 44 and not (out / "manifest.json").exists()  # killed midway
-    resumed = prep.prepare(raw, out, params.model_copy(update={"prepare": params.prepare.model_copy(
+    resumed = prepare(raw, out, params.model_copy(update={"prepare": params.prepare.model_copy(
         update={"work_dir": str(work), "detection_check": 0})}), progress=False)
     assert resumed["analysed"] == 44 - done  # nothing finished before the kill is redone
     for f in OUTPUT_FILES:
@@ -293,7 +297,7 @@ def test_every_other_reject_reason(raw, tmp_path, single_face_photo, dlib_analyz
     (odd / "huge" / "notes.txt").write_text("ignored")
     params = _params(tmp_path / "cache", max_file_mb=0.2)
     with pytest.raises(UserError, match="no image .* was accepted"):
-        prep.prepare(odd, tmp_path / "out", params, progress=False)
+        prepare(odd, tmp_path / "out", params, progress=False)
     rejects = {r["image"]: (r["reason"], r["detail"]) for r in _jsonl(tmp_path / "out" / "rejects.jsonl")}
     assert {k: v[0] for k, v in rejects.items()} == {
         "anno/bad.png": "invalid_annotation", "anno/flat.png": "analysis_failed", "anno/small.png": "face_too_small",
@@ -313,20 +317,20 @@ def test_every_other_reject_reason(raw, tmp_path, single_face_photo, dlib_analyz
     (only / "hanks").mkdir(parents=True)
     shutil.copy(single_face_photo, only / "hanks" / "a.png")
     with pytest.raises(UserError):
-        prep.prepare(only, tmp_path / "out2", big, progress=False)
+        prepare(only, tmp_path / "out2", big, progress=False)
     (rej,) = _jsonl(tmp_path / "out2" / "rejects.jsonl")
     assert rej["reason"] == "face_too_small" and "the largest found is" in rej["detail"]
 
 
 def test_one_face_off_keeps_the_largest_face(tmp_path, group_photo, dlib_analyzer):
-    from model.face_analysis import load_image
+    from model.face_analysis.images import load_image
 
     root = tmp_path / "raw" / "crowd"
     root.mkdir(parents=True)
     with Image.open(group_photo) as im:  # the group photo at half size (640 x 443): 4x faster to scan
         im.resize((im.width // 2, im.height // 2), Image.LANCZOS).save(root / "t1.png")
     params = _params(tmp_path / "cache", one_face=False)
-    summary = prep.prepare(root.parent, tmp_path / "out", params, progress=False)
+    summary = prepare(root.parent, tmp_path / "out", params, progress=False)
     assert summary["accepted"] == 1
     s = PreparedData(tmp_path / "out").sample(0)
     faces = dlib_analyzer.detect(load_image(root / "t1.png"))
@@ -360,7 +364,7 @@ def test_s3_input_from_a_local_s3_server(prepared, raw, tmp_path, monkeypatch):
         client.put_object(Bucket="faces", Key="raw/loose.png", Body=(raw / "id_0001/0001.png").read_bytes())
         params = params_from_dict({"storage": {"cache_dir": str(tmp_path / "cache"), "endpoint_url": s3.endpoint},
                                    "prepare": {"workers": 1}})
-        summary = prep.prepare("s3://faces/raw", tmp_path / "out", params, progress=False)
+        summary = prepare("s3://faces/raw", tmp_path / "out", params, progress=False)
         assert (summary["accepted"], summary["analysed"]) == (6, 7)  # listed-only rejects are never read
         rejects = {r["image"]: r["reason"] for r in _jsonl(tmp_path / "out" / "rejects.jsonl")}
         assert rejects == {"../escape.png": "unsafe_path", "loose.png": "no_identity",
@@ -377,14 +381,14 @@ def test_s3_input_from_a_local_s3_server(prepared, raw, tmp_path, monkeypatch):
         monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
         monkeypatch.setattr(S3Source, "read", lambda self, key: pytest.fail(f"downloaded {key}"))
         env_params = params_from_dict({"storage": {"cache_dir": str(tmp_path / "cache")}, "prepare": {"workers": 1}})
-        again = prep.prepare("s3://faces/raw", tmp_path / "out", env_params, progress=False)
+        again = prepare("s3://faces/raw", tmp_path / "out", env_params, progress=False)
         assert (again["analysed"], again["up_to_date"]) == (0, True)
 
 
 def test_insightface_backend_runs_face_analysis_in_prepare(raw, tmp_path):
     import cv2
 
-    from model.face_analysis import align_face, arcface_template
+    from model.face_analysis.geometry import align_face, arcface_template
     from tests.fixtures.insightface_pack import PackFace, build_insightface_pack
 
     # One fixture face, in detector-input pixels = image pixels (128 px images, det_size 128).
@@ -405,7 +409,7 @@ def test_insightface_backend_runs_face_analysis_in_prepare(raw, tmp_path):
         "face": {"backend": "insightface", "insightface": {"root": str(pack.root), "name": pack.name,
                                                            "det_size": 128, "providers": ["CPUExecutionProvider"]}},
     })
-    summary = prep.prepare(root, tmp_path / "out", params, progress=False)
+    summary = prepare(root, tmp_path / "out", params, progress=False)
     assert summary["accepted"] == 3 and summary["rejects"] == {"no_face": 1}
     data = PreparedData(tmp_path / "out")
     assert (data.manifest["embedding_dim"], data.manifest["landmark_format"]) == (512, "2d106")

@@ -169,7 +169,7 @@ def test_pyfunc_model_loads_by_alias_and_generates(env, evaluation, registered, 
     from PIL import Image
 
     from components.core.shards import decode_png
-    from model.face_analysis import load_image
+    from model.face_analysis.images import load_image
     from model.loading import load_pipeline
     from model.pipeline import GenerationError, IdentityInput
 

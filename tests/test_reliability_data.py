@@ -8,7 +8,6 @@ must change nothing. Real dlib models, real files, the real CLI."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,12 +18,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components.prepare import stage as prep
 from components.cli import main as cli_main
 from components.core.config import params_from_dict
-from components.prepare.item import decode_image
 from components.core.shards import PreparedData
-from tests.fuzz_data import ESCAPING_ANNOTATIONS, MAGENTA, build_fuzz_set, escaping_annotations
+from components.prepare.decode import decode_image
+from components.prepare.stage import prepare
+from tests.fuzz_data import (
+    ESCAPING_ANNOTATIONS,
+    MAGENTA,
+    build_fuzz_set,
+    escaping_annotations,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_LIMIT_S = 120  # a blocking read (FIFO) must fail the test, not hang the suite
@@ -132,7 +136,7 @@ def test_rerun_is_consistent(fuzzed, tmp_path):
     before = {f: (out / f).read_bytes() for f in files}
     params = params_from_dict({"storage": {"cache_dir": str(base / "cache")},
                                "prepare": {"workers": 1, "detection_check": 0}})
-    again = prep.prepare(fz.root, out, params, progress=False)
+    again = prepare(fz.root, out, params, progress=False)
     assert (again["analysed"], again["up_to_date"], again["accepted"]) == (0, True, len(fz.good))
     assert {f: (out / f).read_bytes() for f in files} == before
     # A fresh output directory from the same input writes the same bytes.
@@ -145,8 +149,9 @@ import json, resource, sys
 from pathlib import Path
 import numpy as np
 from components.core.config import params_from_dict
-from components.prepare.stage import item_settings
-from components.prepare.item import ItemProcessor, WorkItem
+from components.prepare.settings import item_settings
+from components.prepare.item import ItemProcessor
+from components.prepare.results import WorkItem
 from components.prepare.source import LocalSource
 import PIL.Image, PIL.PngImagePlugin, PIL.JpegImagePlugin, PIL.WebPImagePlugin
 

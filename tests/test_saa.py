@@ -1,4 +1,4 @@
-"""SAA processors (model/saa.py): the ID-branch math against explicit per-head re-computations,
+"""SAA processors (model/saa/): the ID-branch math against explicit per-head re-computations,
 multi-ID routing, exactness against diffusers' AttnProcessor2_0, LoRA merging, state dicts and
 the region-mask cache."""
 
@@ -13,17 +13,11 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from safetensors.torch import load_file, save_file
 
-from model.saa import (
-    IDContext,
-    LoRAAttnProcessor,
-    LoRALinear,
-    SAAAttnProcessor,
-    default_regions,
-    install_saa,
-    load_saa_state_dict,
-    merge_lora,
-    saa_state_dict,
-)
+from model.saa.context import IDContext
+from model.saa.install import install_saa, load_saa_state_dict, merge_lora, saa_state_dict
+from model.saa.lora import LoRAAttnProcessor, LoRALinear
+from model.saa.processor import SAAAttnProcessor
+from model.saa.regions import default_regions
 
 CROSS = 32  # cross-attention width of the tiny UNet
 TEXT = 7  # text tokens

@@ -90,7 +90,7 @@ def hanks_b64(single_face_photo) -> str:
 @pytest.fixture(scope="module")
 def two_people(tiny_params, group_photo) -> list[str]:
     """JPEG crops of two different people of the group photo (found with the real detector)."""
-    from model.face_analysis import build_face_analyzer
+    from model.face_analysis.backends import build_face_analyzer
     from model.pipeline import face_crop_box
 
     img = np.asarray(Image.open(group_photo).convert("RGB"))

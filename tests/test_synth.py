@@ -11,9 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components.synth import dataset as synth
 from components.cli import main as cli_main
 from components.core.config.data import SynthParams
+from components.synth.bad_samples import BAD_KINDS
+from components.synth.captions import EXPRESSION_PHRASES, caption
+from components.synth.dataset import synthesize
+from components.synth.face_checks import dlib_model_dir
+from components.synth.files import sha256_file
+from components.synth.geometry import annotate, build_face, place
+from components.synth.identities import EXPRESSIONS, sample_identity, sample_motion
 
 SMALL = SynthParams(identities=4, images_per_identity=6, workers=1)
 ANN_KEYS = {"image", "identity", "box", "kps", "landmarks", "landmark_format", "pose", "expression", "attributes"}
@@ -34,7 +40,7 @@ def _jsonl(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth") / "raw"
-    summary = synth.synthesize(out, SMALL, progress=False)
+    summary = synthesize(out, SMALL, progress=False)
     assert summary["written"] == len(_files(out))  # fresh directory: every file written once
     return out
 
@@ -43,8 +49,8 @@ def bed(tmp_path_factory) -> Path:
 def checked(tmp_path_factory) -> tuple[Path, dict]:
     """A larger test-bed (6 people x 14 images: every pose twice) measured with the real dlib tools."""
     out = tmp_path_factory.mktemp("synth-check") / "raw"
-    summary = synth.synthesize(out, SynthParams(identities=6, images_per_identity=14, workers=1),
-                               progress=False, check_faces=True)
+    summary = synthesize(out, SynthParams(identities=6, images_per_identity=14, workers=1),
+                         progress=False, check_faces=True)
     return out, summary
 
 
@@ -64,19 +70,19 @@ def test_layout_and_schema(bed: Path):
         x0, y0, x1, y1 = a["box"]
         assert 0 <= x0 < x1 < 128 and 0 <= y0 < y1 < 128
         assert set(a["pose"]) == {"yaw", "pitch", "roll"} and abs(a["pose"]["yaw"]) < 40
-        assert a["expression"] in synth.EXPRESSIONS
+        assert a["expression"] in EXPRESSIONS
         assert c["caption"].startswith("a photo of a person") and c["caption"].endswith(" background")
         img = Image.open(bed / a["image"])
         assert img.size == (128, 128) and img.mode == "RGB"
     # Expression and pose grid: 6 images already vary both factors.
-    assert {a["expression"] for a in anns[:6]} == set(synth.EXPRESSIONS)
+    assert {a["expression"] for a in anns[:6]} == set(EXPRESSIONS)
     assert len({round(a["pose"]["yaw"] / 10) for a in anns[:6]}) >= 4
 
 
 def test_bad_samples_are_listed_not_annotated(bed: Path):
     manifest = json.loads((bed / "synth_manifest.json").read_text())
     bad = {b["kind"]: b for b in manifest["bad_samples"]}
-    assert sorted(bad) == sorted(synth.BAD_KINDS)
+    assert sorted(bad) == sorted(BAD_KINDS)
     annotated = {a["image"] for a in _jsonl(bed / "annotations.jsonl")}
     assert not annotated & {b["image"] for b in bad.values()}
     assert (bed / bad["zero_byte"]["image"]).stat().st_size == 0
@@ -87,39 +93,39 @@ def test_bad_samples_are_listed_not_annotated(bed: Path):
         assert Image.open(bed / bad[kind]["image"]).size == (128, 128)
     # The manifest hashes every file it lists.
     for rel, digest in manifest["files"].items():
-        assert synth.sha256_file(bed / rel) == digest
+        assert sha256_file(bed / rel) == digest
 
 
 def test_deterministic_serial_and_pool(bed: Path, tmp_path: Path):
     """Same params -> byte-identical files, also when rendered by a process pool."""
-    synth.synthesize(tmp_path / "again", SMALL.model_copy(update={"workers": 2}), progress=False)
+    synthesize(tmp_path / "again", SMALL.model_copy(update={"workers": 2}), progress=False)
     assert _files(tmp_path / "again") == _files(bed)
 
 
 def test_rerun_does_no_work_and_repairs_only_what_changed(tmp_path: Path):
     out = tmp_path / "raw"
-    synth.synthesize(out, SMALL, progress=False)
+    synthesize(out, SMALL, progress=False)
     before = _mtimes(out)
-    summary = synth.synthesize(out, SMALL, progress=False)
+    summary = synthesize(out, SMALL, progress=False)
     assert summary["up_to_date"] and summary["written"] == 0
     assert _mtimes(out) == before
     # A damaged and a deleted image are re-rendered; nothing else is touched.
     (out / "id_0001/0002.png").write_bytes(b"garbage")
     (out / "id_0003/0005.png").unlink()
-    summary = synth.synthesize(out, SMALL, progress=False)
+    summary = synthesize(out, SMALL, progress=False)
     assert summary["written"] == 2 and not summary["up_to_date"]
     after = _mtimes(out)
     changed = {k for k in before if after[k] != before[k]}
     assert changed == {"id_0001/0002.png", "id_0003/0005.png"}
     fresh = tmp_path / "fresh"
-    synth.synthesize(fresh, SMALL, progress=False)
+    synthesize(fresh, SMALL, progress=False)
     assert _files(out) == _files(fresh)
 
 
 def test_smaller_rerun_removes_files_it_wrote_before(tmp_path: Path):
     out = tmp_path / "raw"
-    synth.synthesize(out, SMALL, progress=False)
-    summary = synth.synthesize(out, SMALL.model_copy(update={"identities": 3, "bad_samples": 2}), progress=False)
+    synthesize(out, SMALL, progress=False)
+    summary = synthesize(out, SMALL.model_copy(update={"identities": 3, "bad_samples": 2}), progress=False)
     assert summary["removed"] == 6 + 4
     assert not (out / "id_0003").exists()
     assert sorted(p.name for p in (out / "bad_samples").iterdir()) == ["00_truncated_png.png", "01_zero_byte.png"]
@@ -130,7 +136,7 @@ def test_refuses_to_write_over_foreign_data(tmp_path: Path):
 
     (tmp_path / "photos").mkdir()
     with pytest.raises(UserError, match="photos"):
-        synth.synthesize(tmp_path, SMALL, progress=False)
+        synthesize(tmp_path, SMALL, progress=False)
 
 
 def test_landmarks_geometry_and_yaw_sign(bed: Path):
@@ -159,27 +165,27 @@ def test_landmarks_geometry_and_yaw_sign(bed: Path):
 
 def test_geometry_moves_consistently_with_yaw():
     """Same person and expression, yaw swept: the nose tip offset grows monotonically (3-D projection)."""
-    idn = synth.sample_identity(0, 0)
-    face = synth.build_face(idn, "neutral")
+    idn = sample_identity(0, 0)
+    face = build_face(idn, "neutral")
     offsets = []
     for yaw in (-30, -15, 0, 15, 30):
-        motion = replace(synth.sample_motion(0, 0, 0), yaw=float(yaw), pitch=0.0, roll=0.0)
-        kps = synth.annotate(synth.place(face, motion, 128))["kps"]
+        motion = replace(sample_motion(0, 0, 0), yaw=float(yaw), pitch=0.0, roll=0.0)
+        kps = annotate(place(face, motion, 128))["kps"]
         offsets.append(kps[2, 0] - (kps[0, 0] + kps[1, 0]) / 2)
     assert np.all(np.diff(offsets) > 0) and offsets[2] == pytest.approx(0.0, abs=0.05)
     assert offsets[4] == pytest.approx(-offsets[0], rel=1e-6)  # mirror-symmetric face, no roll
 
 
 def test_caption_names_identity_expression_pose_and_background():
-    idn = replace(synth.sample_identity(0, 0), hair_style="short", hair_name="red", glasses="black", beard=None,
+    idn = replace(sample_identity(0, 0), hair_style="short", hair_name="red", glasses="black", beard=None,
                   hat=None)
-    motion = replace(synth.sample_motion(0, 0, 1), expression="happy", yaw=1.0, pitch=0.0,
+    motion = replace(sample_motion(0, 0, 1), expression="happy", yaw=1.0, pitch=0.0,
                      background_name="blue")
-    assert synth.caption(idn, motion) == (
+    assert caption(idn, motion) == (
         "a photo of a person with short red hair and glasses, smiling, facing the camera, on a blue background")
     turned = replace(motion, expression="sad", yaw=30.0)
     bald = replace(idn, hair_style="bald", glasses=None, beard="goatee", hat="green")
-    assert synth.caption(bald, turned) == (
+    assert caption(bald, turned) == (
         "a photo of a person with a goatee, wearing a green hat, looking sad, head turned to their left, "
         "on a blue background")
 
@@ -204,7 +210,7 @@ def test_identity_factors_constant_within_identity(bed: Path):
     # Captions name the same identity factors in every image of a person.
     heads: dict[str, set] = {}
     for a, c in zip(anns, _jsonl(bed / "captions.jsonl")):
-        phrase = ", " + synth.EXPRESSION_PHRASES[a["expression"]] + ", "
+        phrase = ", " + EXPRESSION_PHRASES[a["expression"]] + ", "
         assert phrase in c["caption"]
         heads.setdefault(a["identity"], set()).add(c["caption"].split(phrase)[0])
     assert all(len(h) == 1 for h in heads.values()) and len({h.pop() for h in heads.values()}) >= 3
@@ -235,7 +241,7 @@ def test_annotations_agree_with_dlib_68_point_predictor(checked):
 
     out, _ = checked
     detector = dlib.get_frontal_face_detector()
-    predictor = dlib.shape_predictor(str(synth.dlib_model_dir() / "shape_predictor_68_face_landmarks.dat"))
+    predictor = dlib.shape_predictor(str(dlib_model_dir() / "shape_predictor_68_face_landmarks.dat"))
     errors, turned = [], []
     for a in _jsonl(out / "annotations.jsonl"):
         img = np.asarray(Image.open(out / a["image"]).convert("RGB"))

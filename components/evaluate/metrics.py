@@ -136,7 +136,7 @@ def _diff(a: float | None, b: float | None) -> float | None:
 
 
 def aggregate(rows: Sequence[dict]) -> dict[str, float | None]:
-    """Per-sample rows (see components.evaluate.stage) -> flat ``kind.leaf`` metrics.
+    """Per-sample rows (see components.evaluate.scoring) -> flat ``kind.leaf`` metrics.
 
     Rows of variant "id" and "baseline" give the ID-on / ID-off numbers of single and multi kinds;
     rows of kind "edit" have variant "edit" (edited output) or "unedited" (same identity, prompt

@@ -55,7 +55,8 @@ def run_generate(args: argparse.Namespace, params) -> int:
     from components.core.errors import UserError
     from components.core.runtime import pipeline_from_params
     from model.checkpoint import CheckpointError
-    from model.face_analysis import FaceAnalysisError, load_image
+    from model.face_analysis.face import FaceAnalysisError
+    from model.face_analysis.images import load_image
     from model.pipeline import GenerationError, IdentityInput
 
     n = len(args.id_image)

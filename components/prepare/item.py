@@ -1,14 +1,7 @@
-"""Per-image work of ``dynamicid prepare``, content-addressed, run in pool workers.
+"""The per-image processor of ``dynamicid prepare`` (ItemProcessor) and its pool-worker plumbing.
 
 One image in, one result out: either a sample (every column of the shard format) or a reject
-with a reason. Results live in a work directory keyed by
-
-    key = sha256(file sha256, params key, annotation record digest)
-
-so the same bytes analysed with the same settings are never analysed twice, whatever their
-path, and a killed run loses at most the images in flight. Each result is two files written
-atomically (temp file + rename): ``<key>.npz`` (PNG blobs, embedding, landmarks) first, then
-``<key>.json`` (status, pose, expression, ...): the JSON's presence means "done".
+with a reason, stored content-addressed in the ResultStore (components.prepare.results).
 
 What is computed, per image (docs/data.md has the full reasoning):
 
@@ -25,16 +18,20 @@ Heavy imports (numpy, PIL, cv2, dlib, insightface, torch via model.landmarks) st
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 import logging
-import math
-import os
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from components.prepare.annotations import parse_annotation
+from components.prepare.decode import decode_image
+from components.prepare.geometry import sample_outputs
+from components.prepare.results import (
+    PREPARE_VERSION,
+    ItemSettings,
+    Reject,
+    ResultStore,
+    WorkItem,
+    item_key,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -43,307 +40,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Part of every result key: bump when the bytes or fields of a result change.
-PREPARE_VERSION = "prepare-2"  # 2: decode_image (header limits, alpha over white, 16-bit grey)
-DEFAULT_CAPTION = "a photo of a person"
-
-# Reject reasons (rejects.jsonl "reason"), in the order the checks run. docs/data.md lists them.
-REASONS = {
-    "unsafe_path": "the file's key or link points outside the input root",
-    "bad_filename": "the path is not valid UTF-8 (shown with \\x escapes); never read",
-    "not_a_file": "a directory, FIFO, socket or device named like an image; never read",
-    "no_identity": "image directly under the root: no <identity>/ folder",
-    "too_large": "file larger than prepare.max_file_mb (not read)",
-    "read_error": "the file could not be read (I/O or object-store error after retries)",
-    "empty_file": "zero-byte file",
-    "not_an_image": "content is not JPEG, PNG or WebP, whatever the extension (text, GIF, EPS ...); never decoded",
-    "too_many_pixels": "the header declares more than prepare.max_pixels pixels (decompression bomb); never decoded",
-    "unreadable": "a JPEG/PNG/WebP that cannot be decoded (truncated, corrupt)",
-    "invalid_annotation": "annotations.jsonl record for this image is malformed",
-    "no_face": "the detector found no face",
-    "face_too_small": "every face found is smaller than face.min_face_size",
-    "multiple_faces": "several faces of at least face.min_face_size where prepare.one_face requires one",
-    "analysis_failed": "landmarks/pose/embedding could not be computed for the face",
-    "duplicate": "exact byte duplicate of another input image (the annotated copy, else the first by path, is kept)",
-}
-LANDMARK_COUNTS = (68, 106)  # iBUG (dlib) and insightface 2d106
 DLIB_ALIGN_SIZE = 150  # dlib's recogniser chips are 150 px; insightface uses its recogniser's input size
-
-
-@dataclass(frozen=True)
-class ItemSettings:
-    """Everything a worker needs; picklable (sent once per worker)."""
-
-    face: dict[str, Any]  # FaceParams.model_dump()
-    profile: str
-    image_size: int
-    crop_size: int
-    landmark_size: int
-    min_face_size: int
-    one_face: bool
-    max_bytes: int
-    max_pixels: int
-    work_dir: str
-    params_key: str
-
-
-@dataclass(frozen=True)
-class WorkItem:
-    path: str
-    key: str  # what the source's read() takes
-    size: int
-    fingerprint: str
-    annotation: str | None  # canonical JSON record
-    ann_digest: str  # "" when not annotated
-    check: bool  # also run detection to measure the detector against the annotation
-
-
-class Reject(Exception):
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason, self.detail = reason, detail
 
 
 class AnalyzerUnavailable(RuntimeError):
     """The configured face backend cannot be built (missing pack or model files): stops the run."""
-
-
-def item_key(sha256: str, params_key: str, ann_digest: str) -> str:
-    return hashlib.sha256(f"{sha256}\n{params_key}\n{ann_digest}".encode()).hexdigest()
-
-
-# --------------------------------------------------------------------------------------------
-# Result store
-
-
-class ResultStore:
-    """``<root>/items/<k[:2]>/<k>.{npz,json,check.json}``: one result per key, written atomically."""
-
-    def __init__(self, root: str | os.PathLike[str]):
-        self.root = Path(root) / "items"
-
-    def _path(self, key: str, suffix: str) -> Path:
-        return self.root / key[:2] / f"{key}{suffix}"
-
-    def has(self, key: str, check: bool = False) -> bool:
-        return self._path(key, ".json").is_file() and (not check or self._path(key, ".check.json").is_file())
-
-    def meta(self, key: str) -> dict[str, Any]:
-        return json.loads(self._path(key, ".json").read_text())
-
-    def check(self, key: str) -> dict[str, Any] | None:
-        p = self._path(key, ".check.json")
-        return json.loads(p.read_text()) if p.is_file() else None
-
-    def blobs(self, key: str) -> dict[str, Any]:
-        """PNG blobs as bytes, embedding / landmarks as float32 arrays."""
-        import numpy as np
-
-        with np.load(self._path(key, ".npz"), allow_pickle=False) as z:
-            return {k: (z[k].tobytes() if z[k].dtype == np.uint8 else z[k].copy()) for k in z.files}
-
-    def _atomic(self, path: Path, data: bytes) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-
-    def write(self, key: str, meta: dict[str, Any], blobs: dict[str, Any] | None) -> None:
-        import numpy as np
-
-        if blobs is not None:
-            buf = io.BytesIO()
-            np.savez(buf, **{k: (np.frombuffer(v, np.uint8) if isinstance(v, bytes) else v) for k, v in blobs.items()})
-            self._atomic(self._path(key, ".npz"), buf.getvalue())
-        self._atomic(self._path(key, ".json"), json.dumps(meta, sort_keys=True).encode())
-
-    def write_check(self, key: str, check: dict[str, Any]) -> None:
-        self._atomic(self._path(key, ".check.json"), json.dumps(check, sort_keys=True).encode())
-
-
-# --------------------------------------------------------------------------------------------
-# Annotation records
-
-
-def _finite_points(v: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    if not all(math.isfinite(c) for p in v for c in p):
-        raise ValueError("contains NaN or infinite coordinates")
-    return v
-
-
-class AnnotatedPose(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    yaw: float
-    pitch: float
-    roll: float = 0.0
-
-
-class Annotation(BaseModel):
-    """One annotations.jsonl record (docs/data.md); fields other than these are informative only."""
-
-    model_config = ConfigDict(extra="ignore")  # identity, attributes, landmark_format ...
-    kps: list[tuple[float, float]]  # [5, 2] ArcFace order
-    box: tuple[float, float, float, float] | None = None  # x0, y0, x1, y1
-    landmarks: list[tuple[float, float]] | None = None  # [68 | 106, 2]
-    pose: AnnotatedPose | None = None
-    expression: str | None = None
-
-    @field_validator("kps")
-    @classmethod
-    def _five(cls, v):
-        if len(v) != 5:
-            raise ValueError(f"needs 5 points (eyes, nose tip, mouth corners), got {len(v)}")
-        return _finite_points(v)
-
-    @field_validator("landmarks")
-    @classmethod
-    def _dense(cls, v):
-        if v is not None and len(v) not in LANDMARK_COUNTS:
-            raise ValueError(f"needs {' or '.join(map(str, LANDMARK_COUNTS))} points, got {len(v)}")
-        return None if v is None else _finite_points(v)
-
-    @field_validator("box")
-    @classmethod
-    def _box(cls, v):
-        if v is not None and not (all(math.isfinite(c) for c in v) and v[2] > v[0] and v[3] > v[1]):
-            raise ValueError(f"must be finite [x0, y0, x1, y1] with x1 > x0 and y1 > y0, got {list(v)}")
-        return v
-
-    @field_validator("expression")
-    @classmethod
-    def _expression(cls, v):
-        from model.motion import EXPRESSIONS
-
-        if v is not None and v.strip().lower() not in EXPRESSIONS:
-            raise ValueError(f"unknown expression {v!r}; expected one of {', '.join(EXPRESSIONS)}")
-        return None if v is None else v.strip().lower()
-
-
-def parse_annotation(text: str) -> Annotation:
-    """Validate one record; Reject (invalid_annotation, naming the field) on any problem."""
-    try:
-        return Annotation.model_validate_json(text)
-    except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise Reject("invalid_annotation", f"{where}: {first['msg']}") from None
-
-
-# --------------------------------------------------------------------------------------------
-# Decoding hostile bytes
-
-# Formats prepare decodes, whatever the file's extension: the content is sniffed. Everything else
-# PIL could open (GIF, TIFF, EPS -> Ghostscript, ...) is refused before any plugin decodes it.
-# Phone JPEGs with a second picture (MPO) come through the JPEG opener.
-DECODE_FORMATS = ("JPEG", "PNG", "WEBP")
-_MAGIC = (b"\xff\xd8", b"\x89PNG\r\n\x1a\n")  # + RIFF....WEBP, checked below
-
-
-def _is_allowed_magic(data: bytes) -> bool:
-    return data.startswith(_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
-
-
-def _to_rgb(im: "Any") -> "np.ndarray":
-    """The conversion inference uses too, so training and serving see the same pixels."""
-    from model.face_analysis import pil_to_rgb
-
-    return pil_to_rgb(im)
-
-
-def decode_image(data: bytes, max_pixels: int) -> "np.ndarray":
-    """Bytes of an untrusted file -> RGB uint8 [H, W, 3], or Reject with the reason.
-
-    Why this order: the cheap, allocation-free checks run on the header only (``Image.open`` is
-    lazy), so a 20 kB PNG declaring 12000 x 12000 pixels is refused before a single row is
-    inflated; only then are pixels decoded. EXIF orientation is applied as in
-    ``model.face_analysis.load_image``.
-    """
-    import warnings
-
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    if not data:
-        raise Reject("empty_file", "0 bytes")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels decides, below
-            im = Image.open(io.BytesIO(data), formats=DECODE_FORMATS)
-    except UnidentifiedImageError:
-        if _is_allowed_magic(data):
-            raise Reject("unreadable", "corrupt or truncated header") from None
-        raise Reject("not_an_image", f"content is not JPEG, PNG or WebP (starts with {data[:16]!r})") from None
-    except Image.DecompressionBombError as err:  # PIL's own header check, above 2 x Image.MAX_IMAGE_PIXELS
-        raise Reject("too_many_pixels", f"header check: {err}; not decoded") from None
-    except Exception as err:  # noqa: BLE001 - a malformed header is the file's problem, never the run's
-        raise Reject("unreadable", f"header: {type(err).__name__}: {err}") from None
-    with im:
-        w, h = im.size
-        if w * h > max_pixels:
-            raise Reject("too_many_pixels", f"header check: {im.format} declares {w}x{h} = {w * h} pixels "
-                                            f"> prepare.max_pixels {max_pixels}; not decoded")
-        if w < 1 or h < 1:
-            raise Reject("unreadable", f"header check: {im.format} declares {w}x{h} pixels")
-        try:
-            im.load()  # truncated data fails here
-            return _to_rgb(ImageOps.exif_transpose(im))
-        except Exception as err:  # noqa: BLE001 - OSError, SyntaxError, struct.error ... from odd files
-            raise Reject("unreadable", f"{type(err).__name__}: {err}") from None
-
-
-# --------------------------------------------------------------------------------------------
-# Geometry of the stored images
-
-
-def face_crop_box(bbox: "np.ndarray", hw: tuple[int, int], margin: float = 0.25) -> tuple[int, int, int, int]:
-    """The CLIP face crop's square box: the one inference uses (model.face_analysis)."""
-    from model.face_analysis import face_crop_box as shared
-
-    return shared(bbox, hw, margin)
-
-
-def square_frame(bbox: "np.ndarray", hw: tuple[int, int]) -> tuple[int, int, int]:
-    """(left, top, side) of the training image: the largest square of the photo, as centred on the
-    face as the borders allow (a square photo is kept whole)."""
-    x0, y0, x1, y1 = [float(v) for v in bbox]
-    h, w = hw
-    side = min(h, w)
-    left = int(round(min(max((x0 + x1) / 2 - side / 2, 0), w - side)))
-    top = int(round(min(max((y0 + y1) / 2 - side / 2, 0), h - side)))
-    return left, top, side
-
-
-def _resize(array: "np.ndarray", size: int) -> "np.ndarray":
-    import numpy as np
-    from PIL import Image
-
-    if array.shape[0] == size and array.shape[1] == size:
-        return np.ascontiguousarray(array)
-    return np.asarray(Image.fromarray(np.ascontiguousarray(array)).resize((size, size), Image.BICUBIC))
-
-
-def sample_outputs(image: "np.ndarray", bbox: "np.ndarray", landmarks: "np.ndarray", *, image_size: int,
-                   crop_size: int, landmark_size: int) -> tuple[dict[str, Any], list[float]]:
-    """The stored pictures of one face: blobs (training image, CLIP crop, landmark image) and the
-    crop-frame landmarks, plus face_box in the training image's frame (y0, x0, y1, x1 in [0, 1])."""
-    import numpy as np
-
-    from components.core.shards import encode_png
-    from model.landmarks import render_landmarks
-
-    h, w = image.shape[:2]
-    left, top, side = square_frame(bbox, (h, w))
-    pixels = _resize(image[top:top + side, left:left + side], image_size)  # [S, S, 3]
-    x0, y0, x1, y1 = [float(v) for v in bbox]
-    face_box = [float(np.clip(v, 0.0, 1.0)) for v in ((y0 - top) / side, (x0 - left) / side,
-                                                     (y1 - top) / side, (x1 - left) / side)]
-    cl, ct, cr, cb = face_crop_box(bbox, (h, w))
-    crop = _resize(image[ct:cb, cl:cr], crop_size)  # [C, C, 3]
-    pts = np.asarray(landmarks, dtype=np.float32) - np.array([cl, ct], dtype=np.float32)  # [P, 2] crop pixels
-    lmk = (render_landmarks(pts, (cb - ct, cr - cl), size=landmark_size)[0] * 255).astype(np.uint8)  # [L, L]
-    norm = pts / np.array([cr - cl, cb - ct], dtype=np.float32)
-    blobs = {"pixels": encode_png(pixels), "face_crop": encode_png(crop), "landmark_image": encode_png(lmk),
-             "landmarks": norm.reshape(-1).astype(np.float32)}
-    return blobs, face_box
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,7 +65,8 @@ class ItemProcessor:
     def analyzer(self):
         if self._analyzer is None:
             from model.config import FaceParams
-            from model.face_analysis import FaceAnalysisError, build_face_analyzer
+            from model.face_analysis.backends import build_face_analyzer
+            from model.face_analysis.face import FaceAnalysisError
 
             try:
                 self._analyzer = build_face_analyzer(FaceParams.model_validate(self.s.face), self.s.profile)
@@ -427,7 +129,12 @@ class ItemProcessor:
             return _reject_meta(rej.reason, rej.detail), None
 
     def _detected_face(self, image: "np.ndarray", who: str) -> dict[str, Any]:
-        from model.face_analysis import FaceAnalysisError, MultipleFacesError, NoFaceError, pick_face
+        from model.face_analysis.face import (
+            FaceAnalysisError,
+            MultipleFacesError,
+            NoFaceError,
+            pick_face,
+        )
         from model.motion import estimate_expression
 
         try:
@@ -454,7 +161,12 @@ class ItemProcessor:
         import numpy as np
         from skimage.transform import SimilarityTransform
 
-        from model.face_analysis import FaceAnalysisError, align_face, arcface_template, estimate_head_pose
+        from model.face_analysis.face import FaceAnalysisError
+        from model.face_analysis.geometry import (
+            align_face,
+            arcface_template,
+            estimate_head_pose,
+        )
         from model.motion import estimate_expression
 
         analyzer = self.analyzer
@@ -528,7 +240,7 @@ class ItemProcessor:
         annotated box), how well do the boxes overlap, how far is the detected face's embedding."""
         import numpy as np
 
-        from model.face_analysis import FaceAnalysisError
+        from model.face_analysis.face import FaceAnalysisError
 
         x0, y0, x1, y1 = meta["box_px"]
         try:

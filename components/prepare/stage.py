@@ -18,298 +18,41 @@ How the run is organised, and why:
 3. *Assemble* (main process): exact duplicates, identity splits, then shards streamed from the
    cached results one row at a time (blobs are never all in memory), rejects, report, plot.
    The outputs depend only on the input and params, so a resumed run writes the same bytes.
+
+This module opens the input and runs the phases in order: settings (components.prepare.settings),
+plan and analyse (components.prepare.analysis, per image components.prepare.item), assemble
+(components.prepare.assemble).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import logging
 import os
 import time
-from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
+
+from components.prepare.analysis import _pool_size, _records, _run_analysis
+from components.prepare.assemble import (
+    REJECTS,
+    _classify,
+    _run_key,
+    _up_to_date,
+    _write_outputs,
+    assign_splits,
+)
+from components.prepare.settings import item_settings, work_dir_for
 
 if TYPE_CHECKING:
     from components.core.config import Params
-    from components.prepare.item import ItemSettings, ResultStore, WorkItem
-    from components.prepare.source import SourceIndex
 
 log = logging.getLogger(__name__)
-
-REJECTS = "rejects.jsonl"
-REPORT = "data_report.json"
-PLOT = "histograms.png"
-BATCH = 4  # images per pool task: amortises IPC, keeps the tail short
-LANDMARK_FORMATS = {68: "ibug68", 106: "2d106"}
-
-
-# --------------------------------------------------------------------------------------------
-# Settings
-
-
-def _backend_spec(face, backend: str) -> dict[str, Any]:
-    """What identifies the face models (part of the result key): versions / pack files."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    def ver(*names: str) -> str | None:
-        for n in names:
-            try:
-                return version(n)
-            except PackageNotFoundError:
-                continue
-        return None
-
-    if backend == "dlib":
-        return {"detector": face.dlib.detector, "upsample": face.dlib.upsample,
-                "dlib": ver("dlib-bin", "dlib"), "models": ver("face-recognition-models")}
-    pack = (Path(face.insightface.root).expanduser() / "models" / face.insightface.name).resolve()
-    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in pack.glob("*.onnx")) if pack.is_dir() else []
-    return {"pack": str(pack), "det_size": face.insightface.det_size, "files": files,
-            "insightface": ver("insightface")}
-
-
-def item_settings(params: "Params", work_dir: Path) -> "ItemSettings":
-    from components.prepare.item import PREPARE_VERSION, ItemSettings
-
-    pp, active = params.prepare, params.model.active
-    backend = params.face.resolved_backend(params.model.profile)
-    spec = {
-        "version": PREPARE_VERSION, "backend": backend, "models": _backend_spec(params.face, backend),
-        "image_size": pp.image_size or active.resolution, "crop_size": pp.crop_size or active.face_crop_size,
-        "landmark_size": active.imr.landmark_size, "min_face_size": params.face.min_face_size,
-        "one_face": pp.one_face, "max_pixels": pp.max_pixels,
-    }
-    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
-    face = params.face.model_copy(update={"backend": backend})
-    return ItemSettings(
-        face=face.model_dump(mode="json"), profile=params.model.profile, image_size=spec["image_size"],
-        crop_size=spec["crop_size"], landmark_size=spec["landmark_size"], min_face_size=params.face.min_face_size,
-        one_face=pp.one_face, max_bytes=int(pp.max_file_mb * 1024 * 1024),
-        max_pixels=pp.max_pixels, work_dir=str(work_dir), params_key=key,
-    )
-
-
-def work_dir_for(params: "Params") -> Path:
-    return Path(params.prepare.work_dir or Path(params.storage.cache_dir) / "prepare").expanduser()
-
-
-# --------------------------------------------------------------------------------------------
-# Splits
-
-
-def _count(fraction: float, n: int) -> int:
-    """Identities for a held-out split: round(fraction * n), at least one when asked for at all."""
-    if fraction <= 0 or n < 2:
-        return 0
-    return min(max(1, round(fraction * n)), n - 1)
-
-
-def assign_splits(identities: list[str], test_fraction: float, val_fraction: float, seed: int) -> dict[str, str]:
-    """identity -> train / val / test. Identities are ranked by sha256(seed, name), so the split of
-    a person depends on the seed and their name only, never on file order or worker timing."""
-    order = sorted(identities, key=lambda i: hashlib.sha256(f"{seed}\n{i}".encode()).hexdigest())
-    n = len(order)
-    n_test = _count(test_fraction, n)
-    n_val = min(_count(val_fraction, n), max(n - n_test - 1, 0))
-    return {name: "test" if k < n_test else "val" if k < n_test + n_val else "train" for k, name in enumerate(order)}
-
-
-# --------------------------------------------------------------------------------------------
-# Rows streamed into write_shards
-
-
-class _ResultCache:
-    """The last item's meta + blobs: write_shards reads a row's columns one after another, so one
-    entry is enough and blobs of other rows are never held."""
-
-    def __init__(self, store: "ResultStore"):
-        self.store = store
-        self._key: str | None = None
-        self._value: tuple[dict[str, Any], dict[str, Any]] = ({}, {})
-
-    def get(self, key: str) -> tuple[dict[str, Any], dict[str, Any]]:
-        if key != self._key:
-            self._value = (self.store.meta(key), self.store.blobs(key))
-            self._key = key
-        return self._value
-
-
-class _Row(Mapping):
-    """A shard row whose heavy columns are read from the result store only when accessed."""
-
-    __slots__ = ("_cache", "_result", "_fixed", "_caption")
-    _BLOBS = ("pixels", "face_crop", "landmark_image", "embedding", "landmarks")
-    _META = ("face_box", "yaw", "pitch", "roll", "expression", "face_prompt")
-    _COLUMNS = ("key", "identity", "image", "split", "caption") + _BLOBS + _META
-
-    def __init__(self, cache: _ResultCache, result: str, fixed: dict[str, str], caption):
-        self._cache, self._result, self._fixed, self._caption = cache, result, fixed, caption
-
-    def __getitem__(self, column: str) -> Any:
-        if column in self._fixed:
-            return self._fixed[column]
-        if column == "caption":
-            return self._caption(self._fixed["image"])
-        meta, blobs = self._cache.get(self._result)
-        if column == "key":
-            return meta["sha256"]
-        if column in self._BLOBS:
-            return blobs[column]
-        if column in self._META:
-            return meta[column]
-        raise KeyError(column)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._COLUMNS)
-
-    def __len__(self) -> int:
-        return len(self._COLUMNS)
 
 
 # --------------------------------------------------------------------------------------------
 # The stage
-
-
-def _records(entries, index: "SourceIndex", store: "ResultStore", settings: "ItemSettings",
-             detection_check: int) -> tuple[list[dict[str, Any]], int]:
-    """One small record per image (what is known before any image is read)."""
-    from components.prepare.item import item_key
-    from components.prepare.source import escapes_root
-
-    records: list[dict[str, Any]] = []
-    for e in entries:
-        ann = index.annotation(e.path)
-        sha = index.known_sha(e.path, e.fingerprint)
-        rec: dict[str, Any] = {"path": e.path, "entry": e, "digest": ann[1] if ann else "", "sha256": sha,
-                               "key": None, "check": False, "meta": None}
-        if e.problem is not None:  # known from the listing (link out of the root, non-UTF-8 name, FIFO ...)
-            rec["meta"] = {"status": "reject", "reason": e.problem[0], "detail": e.problem[1]}
-        elif escapes_root(e.path):
-            rec["meta"] = {"status": "reject", "reason": "unsafe_path", "detail": f"key {e.key!r} leaves the input root"}
-        elif "/" not in e.path:
-            rec["meta"] = {"status": "reject", "reason": "no_identity",
-                           "detail": "images must be in <root>/<identity>/ folders"}
-        elif sha is not None:
-            rec["key"] = item_key(sha, settings.params_key, rec["digest"])
-        records.append(rec)
-    annotated = [r for r in records if r["digest"] and r["meta"] is None]
-    annotated.sort(key=lambda r: hashlib.sha256(r["path"].encode()).hexdigest())
-    for r in annotated[:detection_check]:
-        r["check"] = True
-    cached = 0
-    for r in records:
-        r["cached"] = r["meta"] is not None or (r["key"] is not None and store.has(r["key"], check=r["check"]))
-        cached += r["cached"] and r["meta"] is None
-    return records, cached
-
-
-def _work_items(todo: list[dict[str, Any]], index: "SourceIndex") -> Iterator["WorkItem"]:
-    from components.prepare.item import WorkItem
-
-    for r in todo:
-        e = r["entry"]
-        ann = index.annotation(e.path) if r["digest"] else None
-        yield WorkItem(path=e.path, key=e.key, size=e.size, fingerprint=e.fingerprint,
-                       annotation=ann[0] if ann else None, ann_digest=r["digest"], check=r["check"])
-
-
-def _batches(items: Iterator["WorkItem"], size: int) -> Iterator[list["WorkItem"]]:
-    batch: list[WorkItem] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def _pool_size(requested: int, todo: int) -> int:
-    if todo == 0:
-        return 0
-    if requested == 0:  # auto: all cores, unless spawning workers costs more than it saves
-        requested = (os.cpu_count() or 1) if todo >= 64 else 1
-    return max(1, min(requested, -(-todo // BATCH)))
-
-
-def _analyse(todo: list[dict[str, Any]], index: "SourceIndex", settings: "ItemSettings", source, workers: int,
-             progress: bool) -> Iterator[dict[str, Any]]:
-    """Outcomes of the images that need work, in completion order, with bounded in-flight work."""
-    from tqdm import tqdm
-
-    from components.core.errors import UserError
-    from components.prepare.item import AnalyzerUnavailable, ItemProcessor, init_worker, run_batch
-
-    bar = tqdm(total=len(todo), unit="img", desc="prepare", disable=not progress)
-    batches = _batches(_work_items(todo, index), BATCH)
-    try:
-        if workers <= 1:
-            proc = ItemProcessor(settings, source)
-            for batch in batches:
-                for item in batch:
-                    yield proc(item)
-                bar.update(len(batch))
-            return
-        import multiprocessing
-        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-        from concurrent.futures.process import BrokenProcessPool
-
-        ctx = multiprocessing.get_context("spawn")  # safe with threads (torch, dlib, boto3) in the parent
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker,
-                                 initargs=(settings, source)) as pool:
-            pending = set()
-            exhausted = False
-            try:
-                while pending or not exhausted:
-                    while not exhausted and len(pending) < 2 * workers:
-                        batch = next(batches, None)
-                        if batch is None:
-                            exhausted = True
-                        else:
-                            pending.add(pool.submit(run_batch, batch))
-                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for fut in done:
-                        outcomes = fut.result()
-                        bar.update(len(outcomes))
-                        yield from outcomes
-            except BrokenProcessPool as err:
-                raise RuntimeError(f"a prepare worker died ({err}); finished images are kept, rerun to resume") from None
-            finally:
-                for fut in pending:
-                    fut.cancel()
-    except AnalyzerUnavailable as err:
-        raise UserError(f"face backend: {err}") from None
-    finally:
-        bar.close()
-
-
-def _run_key(params_key: str, params: "Params", records: list[dict[str, Any]], splits: dict[str, str],
-             index: "SourceIndex", input_uri: str) -> str:
-    h = hashlib.sha256()
-    pp = params.prepare
-    h.update(json.dumps({"params": params_key, "input": input_uri, "shard_size": pp.shard_size,
-                         "caption": pp.default_caption, "splits": [pp.test_fraction, pp.val_fraction, pp.split_seed]},
-                        sort_keys=True).encode())
-    for r in records:
-        status = r["meta"]["reason"] if r["meta"]["status"] == "reject" else "ok"
-        caption = index.caption(r["path"]) if status == "ok" else ""
-        line = f"\n{r['path']}\t{r['key']}\t{status}\t{r['meta'].get('detail', '')}\t{caption}"
-        h.update(line.encode("utf-8", "backslashreplace"))
-    h.update(json.dumps(splits, sort_keys=True).encode())
-    return h.hexdigest()
-
-
-def _up_to_date(out: Path, run_key: str) -> bool:
-    try:
-        manifest = json.loads((out / "manifest.json").read_text())
-        report = json.loads((out / REPORT).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return False
-    return (manifest.get("prepare_key") == report.get("prepare_key") == run_key
-            and (out / REJECTS).is_file() and (out / PLOT).is_file() and (out / "index.parquet").is_file())
 
 
 def _check_locations(input_uri: str, output: str) -> None:
@@ -332,8 +75,13 @@ def _open_input(input_uri: str, params: "Params", work: Path):
     from botocore.exceptions import BotoCoreError, ClientError
 
     from components.core.errors import UserError
-    from components.prepare.source import ANNOTATIONS, CAPTIONS, SourceIndex, open_source
     from components.core.storage import StorageError, is_s3
+    from components.prepare.source import (
+        ANNOTATIONS,
+        CAPTIONS,
+        SourceIndex,
+        open_source,
+    )
 
     try:
         source = open_source(input_uri, params.storage)
@@ -373,107 +121,12 @@ def _records_detail(records: list[dict[str, Any]], path: str) -> str:
     return next(str(r["meta"].get("detail", "")) for r in records if r["path"] == path)[:300]
 
 
-def _run_analysis(todo: list[dict[str, Any]], index: "SourceIndex", settings: "ItemSettings", source,
-                  workers: int, progress: bool) -> int:
-    """Analyse ``todo``, recording hashes/keys (and uncached rejects) in the records; returns how many
-    images needed real work. Hashes are committed every 2 s: a kill loses at most those, and the
-    next run finds their results again by content."""
-    analysed = 0
-    by_path = {r["path"]: r for r in todo}
-    last_commit = time.monotonic()
-    for outcome in _analyse(todo, index, settings, source, workers, progress):
-        rec = by_path[outcome["path"]]
-        rec.update(sha256=outcome["sha256"], key=outcome["key"])
-        if outcome["key"] is None:  # uncached reject (I/O, size, unexpected error)
-            rec["meta"] = outcome["meta"]
-        if outcome["sha256"]:
-            index.remember([(outcome["path"], outcome["fingerprint"], outcome["sha256"])])
-        analysed += outcome["analysed"]
-        if time.monotonic() - last_commit > 2.0:
-            index.commit()
-            last_commit = time.monotonic()
-    index.commit()
-    return analysed
-
-
-def _classify(records: list[dict[str, Any]], store: "ResultStore", report) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Final status of every image (duplicates decided here), fed to the report; returns the accepted
-    records and samples per identity. Accepted records keep no result data (re-read per row)."""
-    # Duplicates only among usable copies: two empty or two truncated files keep their own reason.
-    # Metas of usable results are read again below rather than all held at once.
-    winners: dict[str, tuple[bool, str]] = {}
-    for r in records:
-        if r["meta"] is None and (meta := store.meta(r["key"]))["status"] != "ok":
-            r["meta"] = meta
-        if r["meta"] is None:
-            cand = (not r["digest"], r["path"])  # annotated copy first, then path order
-            winners[r["sha256"]] = min(winners.get(r["sha256"], cand), cand)
-    per_identity: dict[str, int] = {}
-    accepted: list[dict[str, Any]] = []
-    for r in records:
-        if r["meta"] is None and winners[r["sha256"]][1] != r["path"]:
-            r["meta"] = {"status": "reject", "reason": "duplicate", "detail": f"same bytes as {winners[r['sha256']][1]}"}
-        if r["meta"] is None:
-            r["meta"] = store.meta(r["key"])
-        if r["meta"]["status"] != "ok":
-            report.add_reject(r["meta"]["reason"])
-            continue
-        identity = r["path"].split("/", 1)[0]
-        per_identity[identity] = per_identity.get(identity, 0) + 1
-        report.add_sample(r["meta"], identity)
-        r["dims"] = (r["meta"]["embedding_dim"], r["meta"]["landmark_count"])
-        if r["check"] and (check := store.check(r["key"])) is not None:
-            report.add_check(check)
-        r["meta"] = {"status": "ok"}
-        accepted.append(r)
-    return accepted, per_identity
-
-
-def _write_outputs(out: Path, *, records, accepted, splits, store, index, report, settings, params, run_key: str,
-                   input_uri: str, entries: int, images: int, side_entries: int, side: dict[str, Any]) -> None:
-    """Shards (streamed), rejects, plot, then the report (its prepare_key marks completion)."""
-    from components.prepare.report import plot_histograms, write_json_atomic
-    from components.prepare.source import printable
-    from components.core.shards import write_shards
-
-    pp = params.prepare
-    cache = _ResultCache(store)
-
-    def caption(image: str) -> str:
-        return index.caption(image) or pp.default_caption
-
-    rows = [_Row(cache, r["key"], {"identity": r["path"].split("/", 1)[0], "image": r["path"],
-                                   "split": splits[r["path"].split("/", 1)[0]]}, caption) for r in accepted]
-    embedding_dim, landmark_count = accepted[0]["dims"] if accepted else (0, 0)
-    write_shards(out, rows, pp.shard_size, manifest_extra={
-        "prepare_key": run_key, "source": input_uri, "face_backend": settings.face["backend"],
-        "image_size": settings.image_size, "crop_size": settings.crop_size,
-        "landmark_size": settings.landmark_size, "landmark_format": LANDMARK_FORMATS.get(landmark_count),
-    })
-    tmp = out / f".{REJECTS}.tmp"
-    with tmp.open("w") as fh:
-        for r in records:
-            if r["meta"]["status"] != "ok":
-                fh.write(json.dumps({"image": printable(r["path"]), "reason": r["meta"]["reason"],
-                                     "detail": printable(r["meta"].get("detail", ""))}) + "\n")
-    tmp.replace(out / REJECTS)
-    settings_view = {"image_size": settings.image_size, "crop_size": settings.crop_size,
-                     "landmark_size": settings.landmark_size, "min_face_size": settings.min_face_size,
-                     "one_face": settings.one_face, "test_fraction": pp.test_fraction, "val_fraction": pp.val_fraction,
-                     "split_seed": pp.split_seed, "default_caption": pp.default_caption}
-    data_report = report.finish(splits=splits, input_uri=input_uri, files=entries, images=images,
-                                ignored=entries - images - side_entries, side_files=side, prepare_key=run_key,
-                                settings=settings_view, embedding_dim=embedding_dim)
-    plot_histograms(data_report, out / PLOT)
-    write_json_atomic(out / REPORT, data_report)
-
-
 def prepare(input_uri: str | os.PathLike[str], output: str | os.PathLike[str], params: "Params", *,
             workers: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Prepare ``input_uri`` into ``output``; returns a summary (counts, work done, throughput)."""
     from components.core.errors import UserError
-    from components.prepare.item import ResultStore
     from components.prepare.report import ReportBuilder
+    from components.prepare.results import ResultStore
 
     started = time.perf_counter()
     input_uri, out = str(input_uri), Path(output)

@@ -123,7 +123,7 @@ class DynamicIDPyfunc(mlflow.pyfunc.PythonModel):
         self.pipe.set_progress(False)
 
     def _request(self, r: dict, n: int) -> dict:
-        from model.face_analysis import load_image
+        from model.face_analysis.images import load_image
         from model.pipeline import GenerationError, IdentityInput
 
         who = f"request {n}"
@@ -160,7 +160,7 @@ class DynamicIDPyfunc(mlflow.pyfunc.PythonModel):
     # The DataFrame hint tells MLflow to validate with the logged signature (not with type hints);
     # dicts and lists of dicts arrive here already converted to a DataFrame by that validation.
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        from model.face_analysis import FaceAnalysisError
+        from model.face_analysis.face import FaceAnalysisError
         from model.pipeline import GenerationError
 
         out = []

@@ -111,7 +111,7 @@ def run_register(args: argparse.Namespace, params: "Params") -> int:
     from components.core import registry
     from components.core.errors import UserError
     from components.core.tracking import setup_mlflow
-    from components.evaluate.stage import resolve_checkpoint
+    from components.evaluate.measure import resolve_checkpoint
     from components.register.publish import publish
 
     gate = params.gate

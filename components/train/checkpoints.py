@@ -117,10 +117,10 @@ def _fsync_tree(root: Path) -> None:
             with open(p, "rb") as fh:
                 os.fsync(fh.fileno())
     for d in [root, *sorted(q for q in root.rglob("*") if q.is_dir())]:  # the directory entries too
-        _fsync_dir(d)
+        _fsync_dir_entries(d)
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_dir_entries(path: Path) -> None:
     """Make a directory's entries (a rename into it) durable; not every file system can (then: best effort)."""
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -204,7 +204,7 @@ class CheckpointStore:
             fault_point("commit", step, dist.rank)
             _discard(final)  # the same step written again after a resume
             tmp.rename(final)
-            _fsync_dir(self.root)
+            _fsync_dir_entries(self.root)
             _write_atomic(self.root / LATEST, final.name + "\n")
             self.prune(keep_name=final.name)
         dist.barrier()

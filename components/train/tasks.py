@@ -126,7 +126,7 @@ class DynamicIDTask(Task):
     def id_context(self, latent_hw: tuple[int, int]):
         """One IDContext per latent size, reused by every step: it caches its region masks, which
         are built on the host and copied to the device once instead of every forward."""
-        from model.saa import IDContext
+        from model.saa.context import IDContext
 
         hw = (int(latent_hw[0]), int(latent_hw[1]))
         if hw not in self._contexts:

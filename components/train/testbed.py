@@ -1,7 +1,7 @@
 """Prepared shards of the synthetic test-bed built directly from the renderer (no face detector).
 
 A stand-in for ``dynamicid synth`` + ``dynamicid prepare`` used by the training tests and by
-``scripts/learning_check.py``: it renders images with ``components.synth.dataset.render_sample``,
+``scripts/learning_check.py``: it renders images with ``components.synth.samples.render_sample``,
 takes faces and landmarks from the renderer's exact annotations and writes rows in the shard
 format with ``components.core.shards.write_shards``. The trainer itself only ever reads shards.
 
@@ -33,14 +33,14 @@ def build_rows(identities: int, images_per_identity: int, *, render_size: int = 
     from PIL import Image
 
     from components.core.shards import encode_png
-    from components.synth.dataset import png_bytes, render_sample
+    from components.synth.samples import png_bytes, render_sample
     from model.landmarks import render_landmarks
     from model.motion import face_prompt
     from model.pipeline import face_crop_box
 
     analyzer = None
     if embeddings == "dlib":
-        from model.face_analysis import DlibFaceAnalyzer
+        from model.face_analysis.backends import DlibFaceAnalyzer
 
         analyzer = DlibFaceAnalyzer()
     rows = []

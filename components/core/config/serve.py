@@ -17,7 +17,7 @@ class ServeParams(StrictModel):
     model_name: str = Field("dynamicid", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
                             description="name in the URL paths: /v1/models/<name>:predict, /v2/models/<name>/infer")
     fast_path: Literal["auto", "cuda_graphs", "compile", "eager", "off"] = Field(
-        "auto", description="model/fast.py at load: auto = CUDA graphs per (size, ids) bucket on a GPU, eager on a CPU"
+        "auto", description="model/fast/ at load: auto = CUDA graphs per (size, ids) bucket on a GPU, eager on a CPU"
     )
     model_uri: str = Field(
         "runs/reconfigure/export",

@@ -1,0 +1,70 @@
+"""Sample grids of ``dynamicid evaluate``: per kind, reference | generated | baseline (or unedited | edited) pages.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from components.evaluate.evalset import EvalSet
+from components.evaluate.generation import Generated
+
+
+def _font():
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=11)
+    except TypeError:  # Pillow without FreeType
+        return ImageFont.load_default()
+
+
+def write_grids(evalset: EvalSet, generated: list[Generated], baselines: dict, rows: list[dict], out_dir: Path,
+                grid_rows: int, cell: int) -> list[Path]:
+    """PNG pages per kind: references | generated (ID on) | baseline (ID off); for edits
+    reference | unedited | edited. A caption under each row gives prompt, seed and similarities."""
+    from PIL import Image, ImageDraw
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    font = _font()
+    caption_h, header_h = 28, 16
+    by_job: dict[int, list[dict]] = {}
+    for r in rows:
+        by_job.setdefault(r["job"], []).append(r)
+    single_index = {(j.refs, j.prompt, j.seed): i for i, j in enumerate(evalset.jobs) if j.kind == "single"}
+    written: list[Path] = []
+    kinds = list(dict.fromkeys(j.kind for j in evalset.jobs))
+    for kind in kinds:
+        idxs = [i for i, j in enumerate(evalset.jobs) if j.kind == kind]
+        n = len(evalset.jobs[idxs[0]].refs)
+        titles = ([f"reference {k + 1}" for k in range(n)] +
+                  (["unedited", "edited"] if kind == "edit" else ["generated", "ID off"]))
+        for page, start in enumerate(range(0, len(idxs), grid_rows)):
+            chunk = idxs[start:start + grid_rows]
+            sheet = Image.new("RGB", (cell * len(titles), header_h + len(chunk) * (cell + caption_h)), "white")
+            draw = ImageDraw.Draw(sheet)
+            for c, t in enumerate(titles):
+                draw.text((c * cell + 3, 2), t, fill="black", font=font)
+            name = f"{kind}-{page:03d}.png"
+            for row_no, i in enumerate(chunk):
+                job = evalset.jobs[i]
+                y = header_h + row_no * (cell + caption_h)
+                tiles = [Image.fromarray(evalset.references[r].image) for r in job.refs]
+                if kind == "edit":
+                    tiles += [generated[single_index[(job.refs, job.prompt, job.seed)]].image, generated[i].image]
+                else:
+                    tiles += [generated[i].image, baselines[(job.prompt, job.seed)]]
+                for c, tile in enumerate(tiles):
+                    sheet.paste(tile.convert("RGB").resize((cell, cell), Image.BICUBIC), (c * cell, y))
+                jr = by_job[i]
+                first = next(r for r in jr if r["variant"] in ("id", "edit"))
+                sims = "/".join(f"{r['id_similarity']:.2f}" for r in jr if r["variant"] in ("id", "edit"))
+                base = "/".join(f"{r['id_similarity']:.2f}" for r in jr if r["variant"] in ("baseline", "unedited"))
+                label = job.edit if kind == "edit" else job.prompt
+                draw.text((3, y + cell + 1), f"seed {job.seed}  sim {sims} (base {base})  clip {first['clip_t']:.3f}",
+                          fill="black", font=font)
+                draw.text((3, y + cell + 14), label[:90], fill="dimgray", font=font)
+                for r in jr:
+                    r["grid"], r["grid_row"] = name, row_no
+            sheet.save(out_dir / name)
+            written.append(out_dir / name)
+    return written

@@ -1,0 +1,143 @@
+"""IDContext: the per-call identity state every SAA processor reads (token layout, regions, scale, boost).
+
+It travels through ``unet(..., cross_attention_kwargs={"id_context": ctx})`` and caches its
+region masks per (query grid, device), so processors keep no per-call state of their own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from model.saa.regions import RegionMasks, default_regions, validate_regions
+
+# Fields of IDContext that change which tokens exist or where they go: changing one after
+# construction re-validates the context and drops its cached masks.
+_LAYOUT_FIELDS = frozenset({"num_ids", "num_tokens", "regions", "latent_hw", "mix_scale"})
+_MAX_LEVELS = 16
+
+
+@dataclass(eq=False)
+
+
+class IDContext:
+    """Per-call state handed to every processor via ``unet(..., cross_attention_kwargs={"id_context": ctx})``.
+
+    Encoder states are ``[text (T) ; id_1 (K) ; ... ; id_N (K)]``; with ``mix_scale`` set
+    (one identity, two token sources) they are ``[text ; source_a (K) ; source_b (K)]``.
+    ``latent_hw`` maps a query index to (y, x) at every UNet level: the level's grid is
+    inferred from the sequence length, each downsampling rounding up (ceil).
+    The context caches its region masks per (query grid, device); contexts compare by
+    identity, so build one per request (or per batch) and reuse it for every step.
+    """
+
+    num_ids: int
+    num_tokens: int = 4
+    regions: Tensor | None = None  # [N, 4] or [B, N, 4], normalised (y0, x0, y1, x1); None = N vertical strips
+    latent_hw: tuple[int, int] = (64, 64)
+    id_scale: float | Tensor = 1.0  # float or [B] per sample (CFG halves, batched requests); 0.0 skips the branch
+    gating: bool = True
+    tau: float = 0.3
+    boost: float = 4.0
+    boost_active: bool = False  # set per denoising step by the sampler (step < boost_steps)
+    mix_scale: float | None = None
+    _cache: dict = field(default_factory=dict, init=False, repr=False)
+    _ready: bool = field(default=False, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._validate()
+        self._ready = True
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name in _LAYOUT_FIELDS and self.__dict__.get("_ready", False):
+            self._validate()
+            self._cache.clear()
+
+    def _validate(self) -> None:
+        if int(self.num_ids) != self.num_ids or self.num_ids < 0:
+            raise ValueError(f"num_ids must be a non-negative integer, got {self.num_ids!r}")
+        if int(self.num_tokens) != self.num_tokens or self.num_tokens < 1:
+            raise ValueError(f"num_tokens must be a positive integer, got {self.num_tokens!r}")
+        hw = tuple(self.latent_hw)
+        if len(hw) != 2 or any(int(v) != v or v < 1 for v in hw):
+            raise ValueError(f"latent_hw must be two positive integers (h, w), got {self.latent_hw!r}")
+        if self.mix_scale is not None:
+            if self.num_ids != 1:
+                raise ValueError(
+                    f"mix_scale needs exactly one identity (two token sources), got num_ids={self.num_ids}"
+                )
+            if not 0.0 <= float(self.mix_scale) <= 1.0:
+                raise ValueError(f"mix_scale must lie in [0, 1], got {self.mix_scale}")
+        if self.regions is not None:
+            if self.num_ids == 0:
+                raise ValueError("regions given but num_ids is 0")
+            object.__setattr__(self, "regions", validate_regions(self.regions, self.num_ids))
+
+    # ------------------------------------------------------------------ token layout
+    @property
+    def num_id_tokens(self) -> int:
+        """Number of ID tokens at the end of the encoder states."""
+        sources = 2 if self.mix_scale is not None else 1
+        return self.num_ids * self.num_tokens * sources
+
+    def query_grid(self, seq_len: int) -> tuple[int, int]:
+        """(q_h, q_w) of the level whose self/cross-attention has ``seq_len`` queries."""
+        key = ("grid", seq_len)
+        if key not in self._cache:
+            h, w = (int(v) for v in self.latent_hw)
+            for _ in range(_MAX_LEVELS):
+                if h * w == seq_len:
+                    break
+                if h == w == 1:
+                    h = 0
+                    break
+                h, w = -(-h // 2), -(-w // 2)  # a stride-2 conv with padding 1 rounds up
+            if h * w != seq_len:
+                raise ValueError(
+                    f"{seq_len} queries match no UNet level of latent_hw={tuple(self.latent_hw)} "
+                    "(set IDContext.latent_hw to the latent size of this call)"
+                )
+            self._cache[key] = (h, w)
+        return self._cache[key]
+
+    def region_masks(self, q_h: int, q_w: int, device: torch.device | str) -> RegionMasks:
+        """Masks for one query grid, built on first use and cached (never rebuilt per call)."""
+        device = torch.device(device)
+        key = ("masks", q_h, q_w, device)
+        if key not in self._cache:
+            self._cache[key] = self._build_region_masks(q_h, q_w, device)
+        return self._cache[key]
+
+    def _build_region_masks(self, q_h: int, q_w: int, device: torch.device) -> RegionMasks:
+        if self.num_ids < 1:
+            raise ValueError("region masks need at least one identity")
+        # built on the CPU in float64 (exact cell-centre comparisons, any backend), moved once
+        regions = self.regions if self.regions is not None else default_regions(self.num_ids)
+        boxes = regions.detach().to(device="cpu", dtype=torch.float64)
+        boxes = boxes.unsqueeze(0) if boxes.dim() == 2 else boxes  # [R, N, 4]
+        ys = (torch.arange(q_h, dtype=torch.float64) + 0.5) / q_h  # [q_h] cell centres
+        xs = (torch.arange(q_w, dtype=torch.float64) + 0.5) / q_w  # [q_w]
+        y0, x0, y1, x1 = (boxes[..., i, None, None] for i in range(4))  # each [R, N, 1, 1]
+        in_y = (ys[:, None] >= y0) & (ys[:, None] < y1)  # [R, N, q_h, 1]
+        in_x = (xs[None, :] >= x0) & (xs[None, :] < x1)  # [R, N, 1, q_w]
+        inside = (in_y & in_x).flatten(2).transpose(1, 2).contiguous()  # [R, HW, N]
+        inside_any = inside.any(-1)  # [R, HW]
+        allowed = None
+        if self.num_ids > 1:
+            # inside some boxes: only the containing identities; outside every box: all of them
+            per_id = inside | ~inside_any[..., None]  # [R, HW, N]
+            per_token = self.num_id_tokens // self.num_ids
+            allowed = per_id.repeat_interleave(per_token, dim=-1).unsqueeze(1)  # [R, 1, HW, N*K]
+        return RegionMasks(inside=_to_device(inside, device), inside_any=_to_device(inside_any, device),
+                           allowed=None if allowed is None else _to_device(allowed, device))
+
+
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """Host tensor -> ``device`` without a stream sync: a pageable host-to-GPU copy waits for
+    the GPU's queue to drain (here: the request's encoders), a pinned one is queued."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
