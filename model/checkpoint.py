@@ -50,6 +50,16 @@ class ModelDims:
     face_encoder: dict[str, Any] = field(default_factory=dict)
     imr: dict[str, Any] = field(default_factory=dict)
     face_backend: str = "dlib"
+    # Settings that shaped training and that inference must repeat (params key -> value); compared key by key,
+    # so a checkpoint written before a setting was recorded still loads.
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def training_settings(saa_gating: bool, saa_tau: float, face_crop_size: int) -> dict[str, Any]:
+    """The inference-relevant settings a checkpoint records: SAA's gating and threshold decide which queries
+    received identity during training, and the crop size fixes the CLIP features the face encoder learnt from."""
+    return {"model.saa.gating": bool(saa_gating), "model.saa.tau": float(saa_tau),
+            "model.face_crop_size": int(face_crop_size)}
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -154,10 +164,18 @@ def find_checkpoint(root: str | os.PathLike, max_depth: int = 4) -> Path:
 
 
 def check_dims(manifest: dict[str, Any], expected: ModelDims) -> None:
-    """Raise CheckpointError naming every field where the checkpoint and the backbone/config disagree."""
+    """Raise CheckpointError naming every field where the checkpoint and the backbone/config disagree, and every
+    recorded training setting that the configuration contradicts (named by its params key)."""
     got = manifest["dims"]
     want = asdict(expected)
-    bad = [f"{k}: checkpoint has {got.get(k)!r}, this model needs {want[k]!r}" for k in want if got.get(k) != want[k]]
+    bad = [f"{k}: checkpoint has {got.get(k)!r}, this model needs {want[k]!r}" for k in want
+           if k != "settings" and got.get(k) != want[k]]
+    recorded = got.get("settings") or {}
+    wanted = want["settings"]
+    if recorded.get("model.saa.gating") is False and wanted.get("model.saa.gating") is False:
+        recorded = {k: v for k, v in recorded.items() if k != "model.saa.tau"}  # no gating: tau is unused
+    bad += [f"{k} is {wanted[k]!r} here, but the checkpoint was trained with {v!r} (set {k}: {v!r})"
+            for k, v in sorted(recorded.items()) if k in wanted and wanted[k] != v]
     if bad:
         raise CheckpointError("checkpoint does not fit this model: " + "; ".join(bad))
 

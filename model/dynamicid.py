@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from model.backbone import Backbone
-from model.checkpoint import ModelDims, check_dims, load_state_strict
-from model.config import ModelParams, ProfileParams
+from model.checkpoint import ModelDims, check_dims, load_state_strict, training_settings
+from model.config import ModelParams, ProfileParams, SAAParams
 
 # Identity-embedding width of each face-analysis backend (ArcFace 512, dlib ResNet 128).
 EMBEDDING_DIMS = {"insightface": 512, "dlib": 128}
@@ -22,7 +22,9 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def model_dims(backbone: Backbone, profile: ProfileParams, profile_name: str, face_backend: str) -> ModelDims:
+def model_dims(backbone: Backbone, profile: ProfileParams, profile_name: str, face_backend: str,
+               saa: SAAParams | None = None) -> ModelDims:
+    """The checkpoint's shape contract, plus the training settings inference must repeat (``saa`` given)."""
     return ModelDims(
         profile=profile_name,
         cross_attention_dim=backbone.cross_attention_dim,
@@ -34,6 +36,7 @@ def model_dims(backbone: Backbone, profile: ProfileParams, profile_name: str, fa
         face_encoder=profile.face_encoder.model_dump(),
         imr=profile.imr.model_dump(),
         face_backend=face_backend,
+        settings=training_settings(saa.gating, saa.tau, profile.face_crop_size) if saa is not None else {},
     )
 
 
@@ -136,7 +139,7 @@ def text_embeddings(backbone: Backbone, prompts: Sequence[str]) -> tuple[torch.T
 
 
 def build_dynamicid(backbone: Backbone, params: ModelParams, face_backend: str) -> DynamicID:
-    dims = model_dims(backbone, params.active, params.profile, face_backend)
+    dims = model_dims(backbone, params.active, params.profile, face_backend, params.saa)
     return DynamicID(backbone, dims)
 
 
