@@ -54,19 +54,18 @@ def load_task(params, export: Path, stage: str):
 
 def check(params, anchor: Path, reconfigure: Path) -> dict:
     from components.core.shards import PreparedData
-    from components.train.checks import id_token_check, imr_check, motion_pairs
-    from components.train.data import holdout_split
+    from components.train.checks import heldout_people, id_token_check, imr_check
 
     data = PreparedData(params.data.prepared)
-    split = holdout_split(data, params.train.holdout_per_identity)
+    split, people = heldout_people(data)
     t = params.train
-    report = {"heldout_images": len(split.heldout), "train_images": len(split.train)}
-    report["stage1"] = id_token_check(load_task(params, anchor, "anchor"), data, split.heldout[:t.check_images or None],
+    report = {"heldout_split": split, "heldout_people": len(people),
+              "heldout_images": sum(len(p) for p in people.values())}
+    report["stage1"] = id_token_check(load_task(params, anchor, "anchor"), data, limit=t.check_images,
                                       resolution=params.model.active.resolution, repeats=t.check_repeats, seed=t.seed)
-    report["stage2"] = imr_check(load_task(params, reconfigure, "reconfigure"), data,
-                                 motion_pairs(data, split, t.check_images))
+    report["stage2"] = imr_check(load_task(params, reconfigure, "reconfigure"), data, limit=t.check_images)
     for key, prefix in (("stage1", "id"), ("stage2", "imr")):
-        report[key]["passed"] = bool(report[key][f"{prefix}_passed"])
+        report[key]["passed"] = bool(report[key].get(f"{prefix}_passed", 0.0))
     return report
 
 

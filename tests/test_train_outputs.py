@@ -24,7 +24,7 @@ def chain(tmp_path_factory, cache_dir):
     from components.train.testbed import write_testbed
 
     root = tmp_path_factory.mktemp("chain")
-    write_testbed(root / "prepared", identities=3, images_per_identity=4)
+    write_testbed(root / "prepared", identities=5, images_per_identity=4, test_identities=2)  # 2 held-out people
     params = {
         "storage": {"cache_dir": str(cache_dir)},
         "data": {"prepared": str(root / "prepared")},
@@ -117,10 +117,17 @@ def test_stage_outputs_for_dvc(chain):
         assert all(float(r["loss"]) > 0 and float(r["samples_per_s"]) > 0 for r in rows)
         ckpts = out / "checkpoints" / ("unet" if stage == "base" else "")
         assert (ckpts / "latest").read_text().strip() == f"step-{steps:06d}"
-    assert {"heldout_loss_id", "heldout_loss_zero_id", "id_gain", "id_win_rate"} <= set(
-        json.loads((root / "runs" / "anchor" / "metrics.json").read_text()))
-    assert {"heldout_dist_pred", "heldout_dist_source", "imr_gain", "imr_win_rate"} <= set(
-        json.loads((root / "runs" / "reconfigure" / "metrics.json").read_text()))
+    assert {"heldout_loss_own_id", "heldout_loss_other_id", "id_gain", "id_gain_low", "id_gain_high",
+            "id_gain_people", "id_passed"} <= set(json.loads((root / "runs" / "anchor" / "metrics.json").read_text()))
+    assert {"heldout_dist_pred", "heldout_dist_shuffled", "imr_gain", "imr_gain_low", "imr_stay_ratio_high",
+            "imr_passed"} <= set(json.loads((root / "runs" / "reconfigure" / "metrics.json").read_text()))
+    # the verdicts travel with the weights: the reconfigure export carries both stages'
+    from model.checkpoint import read_manifest
+
+    checks = read_manifest(root / "runs" / "reconfigure" / "export")["learning_checks"]
+    assert set(checks) == {"anchor", "reconfigure"} and all(isinstance(c["passed"], bool) for c in checks.values())
+    assert checks["anchor"]["metrics"]["id_gain"] == pytest.approx(
+        json.loads((root / "runs" / "anchor" / "metrics.json").read_text())["id_gain"])
     # stage 1 trained from its frozen-feature cache: one complete cache of exactly the training images
     from components.core.shards import PreparedData
     from components.train.data import holdout_split

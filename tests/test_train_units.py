@@ -355,7 +355,11 @@ def feature_cache(tmp_path_factory, tiny_params, prepared, data):
 
 
 def _build_cache(backbone, prepared, data, out, positions, *, rank=0, world=1, key="k"):
-    from components.train.feature_cache import FeatureCache, build_feature_cache, prepared_samples
+    from components.train.feature_cache import (
+        FeatureCache,
+        build_feature_cache,
+        prepared_samples,
+    )
 
     dist = DistInfo(rank=rank, local_rank=rank, world_size=world, device=torch.device("cpu"))
     mine = positions[rank::world]
@@ -424,7 +428,12 @@ def test_cached_posterior_sample_matches_diffusers(backbone):
 
 def test_cache_shards_by_rank_and_is_reused_only_for_the_same_inputs(backbone, prepared, data, tmp_path,
                                                                     feature_cache):
-    from components.train.feature_cache import FeatureCache, cache_key, open_or_build, prepared_samples
+    from components.train.feature_cache import (
+        FeatureCache,
+        cache_key,
+        open_or_build,
+        prepared_samples,
+    )
 
     positions = holdout_split(data, per_identity=1).train[::3]  # 3 identities x 3 images, every third: 3
     single = feature_cache
@@ -441,8 +450,8 @@ def test_cache_shards_by_rank_and_is_reused_only_for_the_same_inputs(backbone, p
         assert a.keys() == b.keys()  # other batch groupings: equal up to float summation order
         assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5) for k in a), p
     # what is stored is what the encoders give
-    from model.dynamicid import clip_image_features, text_embeddings
     from components.train.images import image_tensor
+    from model.dynamicid import clip_image_features, text_embeddings
 
     s = data.sample(positions[3])
     row = single.row(positions[3])
@@ -623,35 +632,4 @@ def test_sd15_profile_skips_the_base_stage(tmp_path):
     assert not dist.is_initialized()  # the skip never starts a process group
 
 
-# --------------------------------------------------------------------------- learning-check bookkeeping
-
-
-def test_check_statistics_are_over_held_out_images_not_draws():
-    import numpy as np
-
-    from components.train.checks import _summary
-
-    reference = np.array([1.0, 1.2, 0.5, 0.7, 2.0, 2.0])
-    candidate = np.array([0.8, 0.8, 0.6, 0.6, 1.0, 3.5])
-    groups = np.array([7, 7, 3, 3, 9, 9])  # three images, two draws each
-    out = _summary("x", reference, candidate, groups)
-    per_image = np.array([(0.2 + 0.4) / 2, (-0.1 + 0.1) / 2, (1.0 - 1.5) / 2])  # images 7, 3, 9
-    assert out["x_gain"] == pytest.approx(per_image.mean())
-    assert out["x_gain_stderr"] == pytest.approx(per_image.std(ddof=1) / np.sqrt(3))
-    assert out["x_win_rate"] == pytest.approx(1 / 3) and out["x_images"] == 3 and out["x_pairs"] == 6
-    assert out["x_passed"] == 0.0  # mean gain 0.017 is far inside two standard errors
-    clear = _summary("x", reference + 1.0, candidate, groups)  # every image gains ~1
-    assert clear["x_gain"] > 2 * clear["x_gain_stderr"] and clear["x_passed"] == 1.0
-
-
-def test_motion_pairs_ask_for_a_motion_change_of_the_same_person(data):
-    from components.train.checks import motion_pairs
-
-    split = holdout_split(data, per_identity=1)
-    pairs = motion_pairs(data, split, limit=0, sources=2)
-    assert {t for _, t in pairs} == set(split.heldout)
-    for source, target in pairs:
-        assert source in split.train and target in split.heldout
-        assert data.index[source]["identity"] == data.index[target]["identity"]
-        assert data.index[source]["face_prompt"] != data.index[target]["face_prompt"]
-    assert all(sum(1 for _, t in pairs if t == h) == 2 for h in split.heldout)
+# (the learning checks and their statistics: tests/test_learning_checks.py)

@@ -1,22 +1,28 @@
-"""Learning checks on held-out images of training identities (run at the end of a stage and by
-``scripts/learning_check.py``): does the trained part do the job it was trained for?
+"""Learning checks with controls, on people never seen in training (run at the end of a stage, written into the
+exported checkpoint's manifest and the MLflow run, and required by the promotion gate):
 
-* stage 1: the denoising loss with the person's ID tokens is lower than with the tokens zeroed
-  (zero tokens give the SAA branch zero keys and values, i.e. no identity at all); same images,
-  noise and timesteps for both, so the difference is paired;
-* stage 2: tokens the IMR predicts for a held-out target motion are closer (MSE) to the target
-  image's own tokens than the unedited source tokens are.
+* stage 1, identity: the denoising loss of a held-out image is lower with ID tokens made from *another photo of
+  the same person* than with tokens made from *another person's* photo. Both branches get the same image, noise,
+  timestep and caption, so the difference is paired, and both switch the ID branch on: a model whose tokens are
+  the same for everyone (identity-blind) scores exactly 0 and fails.
+* stage 2, motion: the IMR's prediction for the target's motion is closer to the target image's own tokens than
+  the same prediction for a *shuffled* target motion (another sample's motion): a model that ignores the asked
+  motion (motion-blind, or one that pulls every source to the person's average) scores 0 and fails; and asking
+  for the source's own motion must move the tokens less than a real motion change separates source and target.
+
+Every statistic is a mean over people with a 95 % bootstrap interval that resamples people
+(components.core.stats); a check passes when its interval excludes "no effect".
 """
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from components.train.data import Split, noise_seed
+from components.core.stats import clustered_interval
+from components.train.data import noise_seed
 from components.train.images import image_tensor
 from components.train.losses import SampleRandom, encode_latents, noised, per_sample_mse
 from model.dynamicid import text_embeddings
@@ -29,98 +35,152 @@ if TYPE_CHECKING:
 _CHECK_STREAM = 1 << 40
 
 
-def _summary(prefix: str, reference: np.ndarray, candidate: np.ndarray, groups: np.ndarray) -> dict[str, float]:
-    """Paired comparison, gain = reference - candidate (> 0: the candidate is better).
-
-    Comparisons that share a held-out image (several noise draws, several sources) are not
-    independent, so the gain is first averaged per held-out image and the standard error and
-    win rate are over images.
-    """
-    gain = reference - candidate
-    ids, inverse = np.unique(groups, return_inverse=True)
-    per_image = np.bincount(inverse, weights=gain) / np.bincount(inverse)
-    n = len(ids)
-    mean = float(per_image.mean())
-    stderr = float(per_image.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
-    return {
-        f"{prefix}_gain": mean,
-        f"{prefix}_gain_stderr": stderr,
-        f"{prefix}_win_rate": float((per_image > 0).mean()),
-        f"{prefix}_images": float(n),
-        f"{prefix}_pairs": float(len(gain)),
-        # the check's verdict: a gain of more than two standard errors (1.0 / 0.0, a DVC metric)
-        f"{prefix}_passed": float(n > 1 and mean > 2 * stderr),
-    }
+def heldout_people(data: "PreparedData") -> tuple[str, dict[str, list[int]]]:
+    """-> (split name, person -> positions sorted by key) of the people no training step sees: the ``val``
+    identities when the data has them, else the ``test`` ones (the checks fit nothing, so they may share the
+    evaluation's people). Only people with two or more images can supply a reference and a target."""
+    for split in ("val", "test"):
+        people = {who: sorted(ps, key=lambda p: data.index[p]["key"]) for who, ps in data.identities(split).items()}
+        people = {who: ps for who, ps in sorted(people.items()) if len(ps) >= 2}
+        if len(people) >= 2:
+            return split, people
+    return "", {}
 
 
-def _chunks(items: list[int], size: int) -> list[list[int]]:
+def _spread(people: dict[str, list[int]], limit: int) -> list[int]:
+    """Up to ``limit`` positions taken round-robin over people, so every person is represented."""
+    out: list[int] = []
+    depth = 0
+    while (not limit or len(out) < limit) and any(depth < len(ps) for ps in people.values()):
+        out += [ps[depth] for ps in people.values() if depth < len(ps)]
+        depth += 1
+    return sorted(out[:limit]) if limit else sorted(out)
+
+
+def _verdict(prefix: str, gain: np.ndarray, people: list[str], split: str, *, upper_below: float | None = None
+             ) -> dict[str, float]:
+    """Mean over people of a per-comparison gain and its person-bootstrap interval; passes when the interval is
+    above 0 (or, with ``upper_below``, when its upper end is below that value)."""
+    iv = clustered_interval(gain, people)
+    passed = iv.high < upper_below if upper_below is not None else iv.excludes(0.0)
+    return {f"{prefix}": iv.mean, f"{prefix}_low": iv.low, f"{prefix}_high": iv.high,
+            f"{prefix}_people": float(iv.people), f"{prefix}_comparisons": float(iv.values),
+            f"{prefix}_passed": float(iv.people > 1 and passed)}
+
+
+def _chunks(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
+def _tokens(task, data: "PreparedData", positions: list[int]) -> torch.Tensor:
+    samples = [data.sample(p) for p in positions]
+    emb = torch.stack([torch.from_numpy(s.embedding.copy()) for s in samples])
+    crops = torch.stack([image_tensor(s.face_crop) for s in samples])
+    return task.face_tokens(emb, crops.to(task.backbone.image_encoder.device))
+
+
+def identity_triples(data: "PreparedData", people: dict[str, list[int]], limit: int) -> list[tuple[int, int, int]]:
+    """(target image, another photo of the same person, a photo of another person), over held-out people. The
+    other person is the next one in sorted order, so every person serves once as everybody's control."""
+    names = list(people)
+    triples = []
+    for target in _spread(people, limit):
+        who = data.index[target]["identity"]
+        own = next(p for p in people[who] if p != target)
+        other = people[names[(names.index(who) + 1) % len(names)]][0]
+        triples.append((target, own, other))
+    return triples
+
+
 @torch.no_grad()
-def id_token_check(task: "AnchorTask", data: "PreparedData", positions: list[int], *, resolution: int, repeats: int,
+def id_token_check(task: "AnchorTask", data: "PreparedData", *, limit: int, resolution: int, repeats: int,
                    seed: int, batch_size: int = 16) -> dict[str, float]:
-    if not positions:
+    """Stage 1: loss with another person's tokens minus loss with the person's own tokens (> 0: identity used)."""
+    split, people = heldout_people(data)
+    if not people:
         return {}
     bb = task.backbone
-    with_id, zeroed, groups = [], [], []
-    for chunk in _chunks(positions, batch_size):
-        samples = [data.sample(p) for p in chunk]
+    triples = identity_triples(data, people, limit)
+    own_loss, other_loss, who = [], [], []
+    for chunk in _chunks(triples, batch_size):
+        samples = [data.sample(t) for t, _, _ in chunk]
         pixels = torch.stack([image_tensor(s.pixels, resolution) for s in samples]).to(bb.vae.device)
-        crops = torch.stack([image_tensor(s.face_crop) for s in samples]).to(bb.vae.device)
-        emb = torch.stack([torch.from_numpy(s.embedding.copy()) for s in samples])
         text, _ = text_embeddings(bb, [s.caption for s in samples])
-        tokens = task.face_tokens(emb, crops)  # [B, K, D]
+        own = _tokens(task, data, [o for _, o, _ in chunk])  # [B, K, D]
+        other = _tokens(task, data, [x for _, _, x in chunk])  # [B, K, D]
         for r in range(repeats):
-            rand = SampleRandom([noise_seed(seed, _CHECK_STREAM + p * repeats + r) for p in chunk], bb.vae.device)
+            rand = SampleRandom([noise_seed(seed, _CHECK_STREAM + t * repeats + r) for t, _, _ in chunk],
+                                bb.vae.device)
             latents = encode_latents(bb.vae, pixels, rand)
             noisy, t, target = noised(bb.scheduler, latents, rand)
-            with_id.append(per_sample_mse(task.predict(noisy, t, text, tokens), target).cpu())
-            zeroed.append(per_sample_mse(task.predict(noisy, t, text, torch.zeros_like(tokens)), target).cpu())
-            groups += chunk
-    a, b = torch.cat(with_id).numpy(), torch.cat(zeroed).numpy()
-    return {"heldout_loss_id": float(a.mean()), "heldout_loss_zero_id": float(b.mean()),
-            **_summary("id", b, a, np.asarray(groups))}
+            own_loss.append(per_sample_mse(task.predict(noisy, t, text, own), target).cpu())
+            other_loss.append(per_sample_mse(task.predict(noisy, t, text, other), target).cpu())
+            who += [data.index[c[0]]["identity"] for c in chunk]
+    a, b = torch.cat(own_loss).double().numpy(), torch.cat(other_loss).double().numpy()
+    gain = _verdict("id_gain", b - a, who, split)
+    return {"heldout_loss_own_id": float(a.mean()), "heldout_loss_other_id": float(b.mean()),
+            **gain, "id_passed": gain["id_gain_passed"]}
 
 
-def motion_pairs(data: "PreparedData", split: Split, limit: int, sources: int = 4) -> list[tuple[int, int]]:
-    """(source, held-out target) pairs: per target, the identity's first ``sources`` training images
-    (by key) whose face prompt differs from the target's, so every pair asks for a real motion
-    change (an identity without such images contributes its first training image)."""
-    by_id: dict[str, list[int]] = {}
-    for p in split.train:
-        by_id.setdefault(data.index[p]["identity"], []).append(p)
+def motion_pairs(data: "PreparedData", people: dict[str, list[int]], limit: int, sources: int = 2
+                 ) -> list[tuple[int, int]]:
+    """(source, target) pairs of one held-out person in two different motions (face prompts differ): per
+    target, the person's first ``sources`` other images whose face prompt differs from the target's."""
     pairs = []
-    for target in split.heldout[:limit] if limit else split.heldout:
-        candidates = sorted(by_id.get(data.index[target]["identity"], []), key=lambda p: data.index[p]["key"])
-        if not candidates:
-            continue
+    for target in _spread(people, limit):
         prompt = data.index[target]["face_prompt"]
-        different = [p for p in candidates if data.index[p]["face_prompt"] != prompt]
-        pairs += [(source, target) for source in (different or candidates)[:sources]]
+        different = [p for p in people[data.index[target]["identity"]] if data.index[p]["face_prompt"] != prompt]
+        pairs += [(source, target) for source in different[:sources]]
     return pairs
 
 
+def shuffled_targets(data: "PreparedData", pairs: list[tuple[int, int]]) -> list[int]:
+    """For each pair, another pair's target whose motion (face prompt) differs from this pair's target: the
+    control motion. Deterministic: the nearest later pair (cyclically) with a different face prompt."""
+    out = []
+    for i, (_, target) in enumerate(pairs):
+        prompt = data.index[target]["face_prompt"]
+        for k in range(1, len(pairs) + 1):
+            cand = pairs[(i + k) % len(pairs)][1]
+            if data.index[cand]["face_prompt"] != prompt:
+                out.append(cand)
+                break
+        else:
+            out.append(target)  # every target asks for the same motion: no control exists (gain 0)
+    return out
+
+
 @torch.no_grad()
-def imr_check(task: "ReconfigureTask", data: "PreparedData", pairs: list[tuple[int, int]],
-              batch_size: int = 32) -> dict[str, float]:
+def imr_check(task: "ReconfigureTask", data: "PreparedData", *, limit: int, batch_size: int = 32
+              ) -> dict[str, float]:
+    """Stage 2: the edit for the asked motion beats the edit for a shuffled motion, and asking for the source's
+    own motion moves the tokens less than a real motion change separates source and target."""
+    split, people = heldout_people(data)
+    pairs = motion_pairs(data, people, limit)
     if not pairs:
         return {}
+    shuffled = shuffled_targets(data, pairs)
     size = task.dyn.dims.imr["landmark_size"]
-    d_pred, d_src = [], []
+    lmk = lambda ss: torch.stack([image_tensor(s.landmark_image, size) for s in ss])  # noqa: E731
+    d_pred, d_shuf, d_same, d_src, who = [], [], [], [], []
     for chunk in _chunks(list(range(len(pairs))), batch_size):
         src = [data.sample(pairs[i][0]) for i in chunk]
         tgt = [data.sample(pairs[i][1]) for i in chunk]
-        b = len(chunk)
-        emb = torch.stack([torch.from_numpy(s.embedding.copy()) for s in src + tgt])
-        crops = torch.stack([image_tensor(s.face_crop) for s in src + tgt])
-        tokens = task.face_tokens(emb, crops.to(task.backbone.image_encoder.device))
-        src_tok, tgt_tok = tokens[:b], tokens[b:]
-        lmk = lambda ss: torch.stack([image_tensor(s.landmark_image, size) for s in ss])  # noqa: E731
-        pred = task.edit(src_tok, lmk(src), [s.face_prompt for s in src], lmk(tgt), [s.face_prompt for s in tgt])
+        shf = [data.sample(shuffled[i]) for i in chunk]
+        tokens = _tokens(task, data, [pairs[i][0] for i in chunk] + [pairs[i][1] for i in chunk])
+        src_tok, tgt_tok = tokens[:len(chunk)], tokens[len(chunk):]
+        src_prompts = [s.face_prompt for s in src]
+        pred = task.edit(src_tok, lmk(src), src_prompts, lmk(tgt), [s.face_prompt for s in tgt])
+        pred_shuf = task.edit(src_tok, lmk(src), src_prompts, lmk(shf), [s.face_prompt for s in shf])
+        same = task.edit(src_tok, lmk(src), src_prompts, lmk(src), src_prompts)
         d_pred.append(per_sample_mse(pred, tgt_tok).cpu())
+        d_shuf.append(per_sample_mse(pred_shuf, tgt_tok).cpu())
+        d_same.append(per_sample_mse(same, src_tok).cpu())
         d_src.append(per_sample_mse(src_tok, tgt_tok).cpu())
-    p, s = torch.cat(d_pred).numpy(), torch.cat(d_src).numpy()
-    targets = np.asarray([t for _, t in pairs])
-    return {"heldout_dist_pred": float(p.mean()), "heldout_dist_source": float(s.mean()),
-            **_summary("imr", s, p, targets)}
+        who += [data.index[pairs[i][1]]["identity"] for i in chunk]
+    p, s, m, d = (torch.cat(x).double().numpy() for x in (d_pred, d_shuf, d_same, d_src))
+    motion = _verdict("imr_gain", s - p, who, split)
+    stay = _verdict("imr_stay_ratio", m / np.maximum(d, 1e-12), who, split, upper_below=1.0)
+    return {"heldout_dist_pred": float(p.mean()), "heldout_dist_shuffled": float(s.mean()),
+            "heldout_dist_source": float(d.mean()), "heldout_dist_same_motion": float(m.mean()),
+            **motion, **stay, "imr_passed": float(motion["imr_gain_passed"] and stay["imr_stay_ratio_passed"])}

@@ -95,7 +95,7 @@ def _with_encoders(bb, device: torch.device, fn: Callable[[], Any]) -> Callable[
 
 
 def run_dynamicid_stage(run: StageRun) -> dict[str, float]:
-    from components.train.checks import id_token_check, imr_check, motion_pairs
+    from components.train.checks import heldout_people, id_token_check, imr_check, motion_pairs
     from components.train.data import AnchorSamples, MotionPairs
     from components.train.loop import FitSpec, fit
     from components.train.samples import anchor_grid, reconfigure_grid
@@ -178,7 +178,7 @@ def run_dynamicid_stage(run: StageRun) -> dict[str, float]:
                                   {p: data.index[p]["identity"] for p in split.train})
         except ValueError as err:
             raise UserError(f"data.prepared: {err}") from None
-        pairs = motion_pairs(data, split, train.check_images)
+        pairs = motion_pairs(data, heldout_people(data)[1], train.check_images)  # people never trained on
         shown_pairs: list[tuple[int, int]] = []
         for pair in pairs:  # one pair per person in the grid
             if all(data.index[pair[1]]["identity"] != data.index[q[1]]["identity"] for q in shown_pairs):
@@ -187,9 +187,14 @@ def run_dynamicid_stage(run: StageRun) -> dict[str, float]:
         sample = (lambda step: reconfigure_grid(task, data, shown_pairs, params)) if shown_pairs else None
         columns = ("loss", "feature", "denoise", "contrastive", "lr", "samples_per_s")
 
+    # Learning-check verdicts travel with the weights: the reconfigure export carries the anchor's too, and the
+    # gate reads them from the evaluated checkpoint.
+    learning_checks: dict[str, dict] = dict(read_manifest(init).get("learning_checks") or {}) if init else {}
+
     def export(d: Path) -> None:
         save_checkpoint(d, dyn.dims, fp32_parts(dyn.state_parts(bb.unet, task.export_parts)), base_dir=bundle,
-                        extra={"stage": run.stage, "trained_from": str(init or base)})
+                        extra={"stage": run.stage, "trained_from": str(init or base),
+                               "learning_checks": learning_checks})
 
     store = CheckpointStore(out / "checkpoints", train.keep_checkpoints)
     tracker = StageTracker(params, run.stage, out, dist.is_main)
@@ -204,18 +209,23 @@ def run_dynamicid_stage(run: StageRun) -> dict[str, float]:
                      tracker=tracker)
         if result.finished and dist.is_main:
             final = out / "export"
-            export(final)
             metrics.update(loss_summary(out / "loss.tsv"))
             metrics.update({"samples_per_s": result.samples_per_s, "world_size": float(dist.world_size)})
             n_check = train.check_images
             if n_check:
                 task.eval()
                 if run.stage == "anchor":
-                    check = lambda: id_token_check(task, data, split.heldout[:n_check], resolution=res,  # noqa: E731
+                    check = lambda: id_token_check(task, data, limit=n_check, resolution=res,  # noqa: E731
                                                    repeats=train.check_repeats, seed=train.seed)
-                    metrics.update(_with_encoders(bb, dist.device, check)() if cached else check())
+                    found = _with_encoders(bb, dist.device, check)() if cached else check()
+                    prefix = "id"
                 else:
-                    metrics.update(imr_check(task, data, pairs))
+                    found, prefix = imr_check(task, data, limit=n_check), "imr"
+                metrics.update(found)
+                learning_checks[run.stage] = {"passed": bool(found.get(f"{prefix}_passed", 0.0)),
+                                              "metrics": found} if found else {"passed": False, "metrics": {},
+                                              "reason": "no held-out people with two or more images"}
+            export(final)
             _finish(run, tracker, metrics, final)
         dist.barrier()
     return metrics
