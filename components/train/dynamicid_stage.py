@@ -188,8 +188,8 @@ def run_dynamicid_stage(run: StageRun) -> dict[str, float]:
         columns = ("loss", "feature", "denoise", "contrastive", "lr", "samples_per_s")
 
     # Learning-check verdicts travel with the weights: the reconfigure export carries the anchor's too, and the
-    # gate reads them from the evaluated checkpoint.
-    learning_checks: dict[str, dict] = dict(read_manifest(init).get("learning_checks") or {}) if init else {}
+    # gate is to read them from the evaluated checkpoint (issue 15, item 5).
+    learning_checks: dict[str, dict] = dict(manifest.get("learning_checks") or {}) if init else {}
 
     def export(d: Path) -> None:
         save_checkpoint(d, dyn.dims, fp32_parts(dyn.state_parts(bb.unet, task.export_parts)), base_dir=bundle,
