@@ -23,7 +23,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -67,6 +67,24 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
             h.update(block)
+    return h.hexdigest()
+
+
+def parts_digest(parts: dict[str, dict[str, torch.Tensor]], names: Sequence[str]) -> str:
+    """sha256 over the named parts' tensors (names, dtypes, shapes, bytes) as exported (fp32 on the CPU).
+
+    A learning-check record stores it for the parts it measured, so a gate can tell whether the record belongs
+    to the weights it evaluates: changing any of those weights, or copying a record onto another checkpoint,
+    changes the digest. Tensors, not files, so the frozen stage-1 parts a stage-2 export carries still match.
+    """
+    h = hashlib.sha256()
+    for name in sorted(names):
+        if name not in parts:
+            raise KeyError(f"no part {name!r} (have {sorted(parts)})")
+        for key in sorted(parts[name]):
+            t = parts[name][key].detach().to("cpu").contiguous()
+            h.update(f"{name}.{key}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 

@@ -79,7 +79,7 @@ def evaluate(settings: list, prepared: Input[Dataset], model: Input[Model], metr
 
 @_component
 def gate(settings: list, model: Input[Model], metrics: Input[Metrics]) -> bool:
-    """dynamicid register --check-only: does the model pass the gate (thresholds, champion)?"""
+    """dynamicid register --check-only: does the model pass the gate (learning checks, thresholds, intervals, reference)?"""
     from pipelines.steps import decision
 
     return decision(settings, "register", "--checkpoint", model.path + "/export",

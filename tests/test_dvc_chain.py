@@ -1,6 +1,8 @@
 """The whole chain as `dvc repro` on a fresh copy of the repository (tiny profile, reduced
-step counts), ending in a registered champion that generates an image; then a param change
-reruns exactly the stages that read it."""
+step counts): it ends with the shipped gate's verdict on a barely trained model (rejected, each
+failed criterion named, nothing registered); a gate change then reruns register only, and with a
+plumbing gate the chain's model is registered as a champion that generates an image; an evaluation
+param change reruns exactly the stages that read it."""
 
 from __future__ import annotations
 
@@ -53,7 +55,7 @@ def _fresh_copy(dest: Path) -> None:
 
 
 @pytest.mark.slow
-def test_dvc_repro_runs_the_chain_and_registers_a_serving_model(tmp_path, cache_dir, single_face_photo):
+def test_dvc_repro_runs_the_chain_gates_and_registers_a_serving_model(tmp_path, cache_dir, single_face_photo):
     repo = tmp_path / "repo"
     repo.mkdir()
     _fresh_copy(repo)
@@ -69,8 +71,28 @@ def test_dvc_repro_runs_the_chain_and_registers_a_serving_model(tmp_path, cache_
         assert f"Running stage '{stage}'" in run.stdout, stage
     assert (repo / "runs/evaluate/metrics.json").exists()
     assert list((repo / "runs/evaluate/grids").glob("*.png"))
-    assert (repo / "runs/register/version.txt").read_text().strip().isdigit()
     assert (repo / "dvc.lock").exists()
+    # Two training steps and no learning checks: the shipped gate rejects the model and says why.
+    registration = json.loads((repo / "runs/register/registration.json").read_text())
+    failed = {c["metric"] for c in registration["gate"]["checks"] if not c["passed"]}
+    assert registration["registered"] is False and {"learning_checks.anchor", "single.id_lift"} <= failed
+    assert (repo / "runs/register/decision.txt").read_text() == "false"
+    assert (repo / "runs/register/version.txt").read_text() == "none"
+    text = subprocess.run(["dynamicid", "summary"], cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    assert "nothing registered: the gate rejected the model" in text.stdout
+    assert "- learning_checks.anchor = not measured: not run" in text.stdout
+
+    # A gate change reruns register only; a plumbing gate (people were measured) registers the model.
+    params["gate"] = {**params["gate"], "learning_checks": False, "minimums": {"single.people": 1.0},
+                      "maximums": {}, "interval_above": {}}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    status = subprocess.run(["dvc", "status", "--json"], cwd=repo, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert set(json.loads(status.stdout or "{}")) == {"register"}
+    run = subprocess.run(["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "Running stage 'register'" in run.stdout and "Running stage 'evaluate'" not in run.stdout
+    assert (repo / "runs/register/version.txt").read_text().strip().isdigit()
 
     # `make run` ends with the summary of exactly these outputs.
     summary = subprocess.run(["dynamicid", "summary", "--json"], cwd=repo, env=env, capture_output=True, text=True,

@@ -19,7 +19,6 @@ from components.evaluate.metrics import (
     assign_faces,
     clip_model_path,
     pose_error,
-    region_box,
     similarity_matrix,
 )
 from tests.services import write_face_dataset
@@ -42,7 +41,7 @@ def params(tiny_params, prepared, tmp_path_factory):
         "mlflow": {"tracking_uri": f"sqlite:///{store}/mlflow.db"},
         "evaluate": {"steps": 1, "num_identities": 3, "prompts": ["a photo of a person"], "seeds": [0],
                      "multi_prompts": ["a photo of {count} people"], "multi_id": [2, 3], "multi_groups": 1,
-                     "batch_size": 4, "compare_champion": False},
+                     "batch_size": 4},
     })
 
 
@@ -65,7 +64,9 @@ def test_metric_catalogue_names_and_directions():
     assert metric_info("multi3.confusion_rate").direction == "lower"
     assert metric_info("single.id_similarity").direction == "higher"
     assert metric_info("edit.pose_error").direction == "lower"
-    for bad in ("single.confusion_rate", "multi1.id_similarity", "edit.clip_t", "single", "x.id_similarity"):
+    assert metric_info("single.id_lift_low") == metric_info("single.id_lift")  # an interval bound of the metric
+    for bad in ("single.confusion_rate", "multi1.id_similarity", "edit.clip_t", "single", "x.id_similarity",
+                "single.region_similarity", "single.nope_low"):
         with pytest.raises(KeyError, match="unknown metric"):
             metric_info(bad)
 
@@ -104,14 +105,6 @@ def test_similarity_matrix_is_cosine():
     a, b = np.array([[3.0, 4.0], [1.0, 0.0]]), np.array([[4.0, 3.0]])
     np.testing.assert_allclose(similarity_matrix(a, b), [[24 / 25], [4 / 5]])
     assert similarity_matrix(a, np.zeros((0, 2))).shape == (2, 0)
-
-
-def test_region_box_is_centred_square_inside_region():
-    assert region_box((0, 0, 1, 0.5), (64, 64)) == (0, 16, 32, 48)
-    assert region_box((0, 0.5, 1, 1), (64, 64)) == (32, 16, 64, 48)
-    assert region_box((0, 0, 1, 1), (64, 64)) == (0, 0, 64, 64)
-    left, top, right, bottom = region_box((0.0, 0.0, 1.0, 1 / 3), (96, 96))
-    assert right - left == bottom - top == 32 and left == 0
 
 
 def test_edit_targets_and_pose_error():
@@ -175,75 +168,110 @@ def _crop(photo: np.ndarray, face, margin: float) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def people(analyzer, group_photo):
-    """Two real people as (reference crop, another crop of the same person)."""
+    """Three real people as (reference crop, another crop of the same person)."""
     photo = np.asarray(Image.open(group_photo).convert("RGB"))
-    faces = analyzer.detect(photo)[:2]
+    faces = sorted(analyzer.detect(photo), key=lambda f: float(f.bbox[0]))[:3]
     return [(_crop(photo, f, 0.6), _crop(photo, f, 0.35)) for f in faces]
 
 
-def test_scoring_real_faces_single_multi_edit_and_missed(people, analyzer, clip):
+def _cos(a, b) -> float:
+    return float(np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def test_scoring_known_images_single_control_multi_edit_and_missed(people, analyzer, clip):
+    """Constructed generations whose answers are known: the reference photo itself pasted in (copy-paste), another
+    photo of the right person, a blank image (missed face), a wrong person as the control, two people swapped,
+    the same person twice, a person left out."""
     from components.evaluate.evalset import EvalSet, Job, Reference
     from components.evaluate.generation import Generated
     from components.evaluate.scoring import FaceCache, score
 
-    (ref_a, alt_a), (ref_b, alt_b) = people
-    emb = {k: analyzer.detect(v)[0].embedding for k, v in {"a": ref_a, "b": ref_b}.items()}
-    refs = [Reference("a", "ka", ref_a, emb["a"]), Reference("b", "kb", ref_b, emb["b"])]
     size = 192
     sq = lambda img: np.asarray(Image.fromarray(img).resize((size, size)))  # noqa: E731
-    pair_swapped = np.concatenate([sq(alt_b), sq(alt_a)], axis=1)            # B left, A right
-    pair_same = np.concatenate([sq(alt_a), sq(alt_a)], axis=1)               # A twice
+    (ref_a, alt_a), (ref_b, alt_b), (ref_c, alt_c) = [(sq(r), sq(o)) for r, o in people]
+    emb = {k: analyzer.detect(v)[0].embedding for k, v in
+           {"a": ref_a, "b": ref_b, "c": ref_c, "A": alt_a, "B": alt_b, "C": alt_c}.items()}
+    refs = [Reference(k, "k" + k, img, emb[k], others=emb[k.upper()][None], other_keys=("o" + k,))
+            for k, img in (("a", ref_a), ("b", ref_b), ("c", ref_c))]
     blank = np.full((size, size, 3), 128, np.uint8)
-    jobs = [Job("single", (0,), "p", 0), Job("multi2", (0, 1), "q", 0), Job("multi2", (0, 1), "r", 0),
-            Job("edit", (0,), "p", 0, "the face is turned to the left")]
-    gens = [Generated(Image.fromarray(sq(alt_a)), [[0, 0, 1, 1]]),
-            Generated(Image.fromarray(pair_swapped), [[0, 0, 1, 0.5], [0, 0.5, 1, 1]]),
-            Generated(Image.fromarray(pair_same), [[0, 0, 1, 0.5], [0, 0.5, 1, 1]]),
-            Generated(Image.fromarray(sq(alt_a)), [[0, 0, 1, 1]])]
-    evalset = EvalSet(refs, jobs, {}, "h")
+    pair = lambda x, y: np.concatenate([x, y], axis=1)  # noqa: E731
+    whole, halves = [[0, 0, 1, 1]], [[0, 0, 1, 0.5], [0, 0.5, 1, 1]]
+    cases = [  # (job, image)
+        (Job("single", (0,), "p", 0), ref_a),                      # the reference photo pasted: copy-paste
+        (Job("single", (1,), "p", 0), alt_b),                      # another photo of the right person
+        (Job("single", (2,), "p", 0), blank),                      # no face
+        (Job("shuffled", (1,), "p", 0, against=0), alt_b),         # b's photo given, measured against a
+        (Job("shuffled", (2,), "p", 0, against=1), alt_c),
+        (Job("shuffled", (0,), "p", 0, against=2), alt_a),
+        (Job("multi2", (0, 1), "q", 0), pair(alt_b, alt_a)),       # B left, A right
+        (Job("multi2", (0, 1), "r", 0), pair(alt_a, alt_a)),       # A twice
+        (Job("multi2", (0, 1), "s", 0), pair(alt_a, blank)),       # B left out
+        (Job("edit", (0,), "p", 0, "the face is turned to the left"), alt_a),
+    ]
+    evalset = EvalSet(refs, [j for j, _ in cases], {}, "h")
+    gens = [Generated(Image.fromarray(img), halves if j.kind == "multi2" else whole) for j, img in cases]
     baselines = {k: Image.fromarray(blank) for k in evalset.baselines()}
     rows = score(evalset, gens, baselines, FaceCache(analyzer), clip, "landmarks")
 
-    def rows_of(job, variant):
-        return [r for r in rows if r["job"] == job and r["variant"] == variant]
+    def row(job, variant):
+        (r,) = [r for r in rows if r["job"] == job and r["variant"] == variant]
+        return r
 
-    # single: same person detected, similarity = cosine of the two embeddings; blank baseline = miss = 0
-    a_face = analyzer.detect(sq(alt_a))[0]
-    (single,) = rows_of(0, "id")
-    assert single["detected"] and single["id_similarity"] == pytest.approx(
-        float(a_face.embedding @ emb["a"]) / np.linalg.norm(a_face.embedding) / np.linalg.norm(emb["a"]))
-    (base,) = rows_of(0, "baseline")
-    assert base["detected"] is False and base["id_similarity"] == 0.0
-    # region crop of the whole image: the recognizer on the full square, without detection
-    want_region = analyzer.embed_aligned(sq(alt_a)) @ emb["a"]
-    assert single["region_similarity"] == pytest.approx(float(want_region), abs=1e-6)
+    a, b, c = row(0, "id"), row(1, "id"), row(2, "id")
+    assert a["id_similarity"] == pytest.approx(1.0, abs=1e-6) and a["identified"] is True
+    assert a["copy_paste"] == pytest.approx(1.0 - _cos(emb["a"], emb["A"]), abs=1e-6) and a["copy_paste"] > 0
+    assert b["id_similarity"] == pytest.approx(_cos(emb["B"], emb["b"]), abs=1e-6) and b["identified"] is True
+    assert b["copy_paste"] == pytest.approx(b["id_similarity"] - 1.0, abs=1e-6) and b["copy_paste"] < 0
+    assert (c["detected"], c["id_similarity"], c["identified"], c["copy_paste"]) == (False, 0.0, False, None)
+    assert row(0, "baseline")["detected"] is False and row(0, "baseline")["id_similarity"] == 0.0
+    sh = {r["identity"]: r for r in rows if r["variant"] == "shuffled"}
+    assert sh["a"]["id_similarity"] == pytest.approx(_cos(emb["B"], emb["a"]), abs=1e-6)
+    assert sh["c"]["id_similarity"] == pytest.approx(_cos(emb["A"], emb["c"]), abs=1e-6)
 
-    # multi, swapped layout: Hungarian matches each reference to its own person, no confusion
-    faces = analyzer.detect(pair_swapped)
-    right = max(range(len(faces)), key=lambda k: faces[k].bbox[0])
-    m = rows_of(1, "id")
-    assert [r["identity"] for r in m] == ["a", "b"] and all(r["detected"] for r in m)
-    assert m[0]["id_similarity"] == pytest.approx(float(faces[right].embedding @ emb["a"]), abs=1e-6)
-    assert [r["confused"] for r in m] == [False, False]
-    assert m[0]["id_similarity"] > 0.9 and m[1]["id_similarity"] > 0.9  # same person, dlib's scale
-    # multi with the same person twice: the face given to B is closer to A -> confusion for B only
-    assert [r["confused"] for r in rows_of(2, "id")] == [False, True]
+    # multi: swapped layout matched back to the right people; A twice confuses B; B left out is missing
+    m = [r for r in rows if r["job"] == 6 and r["variant"] == "id"]
+    assert [r["identity"] for r in m] == ["a", "b"] and [r["confused"] for r in m] == [False, False]
+    assert m[0]["id_similarity"] == pytest.approx(_cos(emb["A"], emb["a"]), abs=1e-3)
+    assert [r["confused"] for r in rows if r["job"] == 7 and r["variant"] == "id"] == [False, True]
+    assert [r["detected"] for r in rows if r["job"] == 8 and r["variant"] == "id"] == [True, False]
 
     # edit: pose measured on the output against "turned to the left" (yaw -35, pitch 0)
-    (ed,) = rows_of(3, "edit")
-    yaw, pitch, _ = a_face.pose
+    ed = row(9, "edit")
+    yaw, pitch, _ = analyzer.detect(alt_a)[0].pose
     assert ed["pose_error"] == pytest.approx((abs(yaw + 35) + abs(pitch)) / 2, abs=1e-6)
     assert ed["target_yaw"] == -35.0 and ed["expression_agree"] is None  # no expression requested
-    (un,) = rows_of(3, "unedited")
-    assert un["pose_error"] == pytest.approx(ed["pose_error"])  # the same image here
 
     agg = aggregate(rows)
-    ids = [r["id_similarity"] for r in rows if r["kind"] == "multi2" and r["variant"] == "id"]
-    assert agg["multi2.id_similarity"] == pytest.approx(np.mean(ids), abs=1e-6)
-    assert agg["multi2.confusion_rate"] == pytest.approx(0.25)
-    assert agg["single.detection_failure_rate"] == 0 and agg["single.baseline_detection_failure_rate"] == 1
-    assert agg["single.id_lift"] == pytest.approx(single["id_similarity"], abs=1e-6)
-    assert agg["edit.pose_error_gain"] == pytest.approx(0.0)
+    lifts = [a["id_similarity"] - sh["a"]["id_similarity"], b["id_similarity"] - sh["b"]["id_similarity"],
+             0.0 - sh["c"]["id_similarity"]]
+    assert agg["single.id_lift"] == pytest.approx(np.mean(lifts), abs=1e-5)
+    assert agg["single.id_lift_low"] <= agg["single.id_lift"] <= agg["single.id_lift_high"]
+    assert agg["single.identification_rate"] == pytest.approx(2 / 3, abs=1e-6)
+    assert agg["single.identification_chance"] == pytest.approx(1 / 3, abs=1e-6)
+    assert agg["single.detection_rate"] == pytest.approx(2 / 3, abs=1e-6) and agg["single.people"] == 3
+    assert agg["single.copy_paste"] == pytest.approx((a["copy_paste"] + b["copy_paste"]) / 2, abs=1e-5)
+    assert agg["multi2.confusion_rate"] == pytest.approx(np.mean([0.0, 0.5]), abs=1e-5)  # a: 0 of 3, b: 1 of 2
+    assert agg["multi2.missing_rate"] == pytest.approx(np.mean([0.0, 1 / 3]), abs=1e-5)  # a: 0 of 3, b: 1 of 3
+    un = row(9, "unedited")  # the unedited image is a's single case: the reference photo
+    assert un["pose_error"] is not None and ed["pose_error"] is not None
+    assert agg["edit.pose_error_gain"] == pytest.approx(un["pose_error"] - ed["pose_error"], abs=1e-5)
+
+
+def test_identical_images_with_own_and_other_tokens_give_a_lift_of_exactly_zero(people, analyzer, clip):
+    """What an identity-blind model produces: the same image whoever's photo is given."""
+    from components.evaluate.evalset import EvalSet, Job, Reference
+    from components.evaluate.generation import Generated
+    from components.evaluate.scoring import FaceCache, score
+
+    refs = [Reference(k, k, r, analyzer.detect(r)[0].embedding) for k, (r, _) in zip("abc", people)]
+    alt = people[0][1]
+    jobs = [Job("single", (i,), "p", 0) for i in range(3)] + [Job("shuffled", ((i + 1) % 3,), "p", 0, against=i)
+                                                             for i in range(3)]
+    gens = [Generated(Image.fromarray(alt), [[0, 0, 1, 1]]) for _ in jobs]  # one image for every input
+    evalset = EvalSet(refs, jobs, {}, "h")
+    agg = aggregate(score(evalset, gens, {("p", 0): Image.fromarray(alt)}, FaceCache(analyzer), clip, "none"))
+    assert agg["single.id_lift"] == 0.0 and agg["single.id_lift_low"] == 0.0 and agg["single.id_lift_high"] == 0.0
+    assert agg["single.identification_rate"] == pytest.approx(1 / 3)  # one person identified: chance
 
 
 # --------------------------------------------------------------------------- evaluation set
@@ -262,6 +290,9 @@ def test_eval_set_is_fixed_and_its_hash_tracks_the_definition(params, analyzer):
     assert {r["identity"] for r in data.rows("train")}.isdisjoint(r.identity for r in a.references)
     kinds = [j.kind for j in a.jobs]
     assert kinds.count("single") == 3 and kinds.count("multi2") == 1 and kinds.count("multi3") == 1
+    control = [(j.refs[0], j.against) for j in a.jobs if j.kind == "shuffled"]
+    assert sorted(control) == [(0, 2), (1, 0), (2, 1)]
+    assert all(own != other for own, other in control)  # always another held-out person's photo
     assert kinds.count("edit") == 3 * 2
     assert [j.refs for j in a.jobs if j.kind.startswith("multi")] == [(0, 1), (0, 1, 2)]
     assert [j.prompt for j in a.jobs if j.kind == "multi3"] == ["a photo of three people"]
@@ -311,15 +342,20 @@ def test_evaluate_writes_metrics_rows_grids_and_report(evaluation, params):
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) == {"single", "multi2", "multi3", "edit"}
     rows = list(csv.DictReader(open(out / "samples.csv")))
-    # 3 single + 2 multi2 persons + 3 multi3 persons, each with ID on and off; 6 edits x (edited, unedited)
-    assert len(rows) == 2 * (3 + 2 + 3) + 2 * 6
+    # single: 3 people x (own, another's photo, ID off); multi: 2 + 3 persons x (on, off); 6 edits x 2
+    assert len(rows) == 3 * 3 + 2 * (2 + 3) + 2 * 6
+    assert metrics["single"]["people"] == 3
     for kind in ("single", "multi2", "multi3"):
         for leaf, variant, col in [("id_similarity", "id", "id_similarity"), ("clip_t", "id", "clip_t"),
-                                   ("baseline_clip_t", "baseline", "clip_t"),
-                                   ("region_similarity", "id", "region_similarity")]:
+                                   ("baseline_clip_t", "baseline", "clip_t")]:
             assert metrics[kind][leaf] == pytest.approx(_csv_mean(rows, kind, variant, col), abs=2e-6), (kind, leaf)
-        fail = np.mean([r["detected"] == "False" for r in rows if r["kind"] == kind and r["variant"] == "id"])
-        assert metrics[kind]["detection_failure_rate"] == pytest.approx(fail)
+        if kind != "single":
+            missing = np.mean([r["detected"] == "False" for r in rows if r["kind"] == kind and r["variant"] == "id"])
+            assert metrics[kind]["missing_rate"] == pytest.approx(missing)
+    detected = np.mean([r["detected"] == "True" for r in rows if r["kind"] == "single" and r["variant"] == "id"])
+    assert metrics["single"]["detection_rate"] == pytest.approx(detected)
+    assert metrics["single"]["id_lift"] == pytest.approx(
+        metrics["single"]["id_similarity"] - metrics["single"]["shuffled_id_similarity"], abs=1e-5)
     # every baseline with the same prompt and seed is the same image, so it has one CLIP-T
     base = {(r["prompt"], r["seed"]): r["clip_t"] for r in rows if r["variant"] == "baseline"}
     assert all(r["clip_t"] == base[(r["prompt"], r["seed"])] for r in rows if r["variant"] == "baseline")
@@ -329,11 +365,12 @@ def test_evaluate_writes_metrics_rows_grids_and_report(evaluation, params):
     from components.core.registry import checkpoint_digest
 
     assert report["checkpoint_digest"] == checkpoint_digest(ckpt)
-    assert report["counts"]["images"] == 3 + 1 + 1 + 6 and report["counts"]["baseline_images"] == 3
+    assert report["learning_checks"] == {}  # an untrained checkpoint carries no learning checks
+    assert report["counts"]["images"] == 3 + 3 + 1 + 1 + 6 and report["counts"]["baseline_images"] == 3
     for name in report["grids"]:
         assert (out / name).exists()
-    single = Image.open(out / "grids" / "single-000.png")
-    assert single.width == 96 * 3 and single.height == 16 + 3 * (96 + 28)
+    single = Image.open(out / "grids" / "single-000.png")  # reference | generated | other's photo | ID off
+    assert single.width == 96 * 4 and single.height == 16 + 3 * (96 + 28)
     assert Image.open(out / "grids" / "multi3-000.png").width == 96 * 5
     assert {r["grid"] for r in rows} == {p.split("/")[-1] for p in report["grids"]}
 

@@ -419,6 +419,8 @@ def test_run_local_trains_gates_registers_and_serves(tmp_path, cache_dir, single
         "evaluate.num_identities": 2, "evaluate.steps": 2, "evaluate.prompts": "[a photo of a person]",
         "evaluate.multi_id": "[2]", "evaluate.multi_groups": 1, "evaluate.edits": "[the expression is happy]",
         "gate.promote": "true",
+        # a plumbing gate that a two-step model meets (the shipped gate rejects it: tests/test_gate_rejects.py)
+        "gate.learning_checks": "false", "gate.minimums": '{"single.people": 1}',
     }
     argv = [a for k, v in sets.items() for a in ("-S", f"{k}={v}")]
     code = main(argv + ["pipeline", "run-local", "--root", str(tmp_path / "kfp")])

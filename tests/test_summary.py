@@ -28,12 +28,15 @@ def outputs(module_cwd):
     shutil.rmtree("runs", ignore_errors=True)
     write("runs/base/metrics.json", {"loss_first": 0.9, "loss_final": 0.3, "steps": 200.0})
     write("runs/anchor/metrics.json", {"loss_first": 0.36, "loss_final": 0.35, "steps": 200.0, "id_gain": 3e-4,
-                                       "id_gain_stderr": 2e-5, "id_win_rate": 0.88, "id_passed": 1.0})
-    write("runs/evaluate/metrics.json", {"single": {"id_similarity": 0.42, "clip_t": 0.25},
+                                       "id_gain_low": 1e-4, "id_gain_high": 5e-4, "id_gain_people": 6.0,
+                                       "id_passed": 1.0})
+    write("runs/evaluate/metrics.json", {"single": {"id_similarity": 0.42, "clip_t": 0.25, "id_lift": 0.12,
+                                                    "id_lift_low": 0.05, "id_lift_high": 0.2},
                                          "multi2": {"id_similarity": 0.31}})
     write("runs/evaluate/report.json", {"grids": ["grids/single-000.png"], "profile": "tiny",
                                         "not_measured": ["multi2.confusion_rate"]})
-    write("runs/register/version.txt", "7\n")
+    write("runs/register/registration.json", {"model": "dynamicid", "registered": True, "version": "7",
+                                              "aliases": ["candidate", "champion"], "gate": {"passed": True}})
     yield
 
 
@@ -41,7 +44,8 @@ def test_text_names_losses_checks_metrics_grids_version_and_next_commands(output
     assert main(["-S", "gate.promote=true", "summary"]) == 0  # as params.yaml sets it
     out = capsys.readouterr().out
     assert "base         loss 0.9000 -> 0.3000 over 200 steps; export runs/base/export" in out
-    assert "gain 0.0003 = 15.0 standard errors, better on 88% of held-out images: PASS" in out
+    assert "gain 0.0003 [0.0001, 0.0005] over 6 held-out people: PASS" in out
+    assert "single.id_lift                     0.1200  95% interval [0.0500, 0.2000]" in out
     assert "reconfigure  not run" in out
     assert "single.id_similarity" in out and "0.4200" in out
     assert "multi2.confusion_rate              not measured" in out
@@ -51,12 +55,27 @@ def test_text_names_losses_checks_metrics_grids_version_and_next_commands(output
     assert "dynamicid serve --model-uri models:/dynamicid@champion" in out
 
 
-def test_failed_check_and_champion_alias_follow_the_outputs_and_params(outputs, capsys):
+def test_a_failed_check_and_a_rejected_model_are_said_with_their_reasons(outputs, capsys):
     write("runs/reconfigure/metrics.json", {"loss_first": 0.7, "loss_final": 0.03, "steps": 50.0, "imr_gain": 1e-3,
-                                            "imr_gain_stderr": 1e-3, "imr_passed": 0.0})
-    assert main(["-S", "gate.promote=false", "summary"]) == 0
+                                            "imr_gain_low": -1e-3, "imr_gain_high": 3e-3, "imr_passed": 0.0})
+    check = {"metric": "single.id_lift", "check": "interval above", "value": 0.0, "limit": 0.0, "margin": 0.0,
+             "passed": False, "note": "the interval includes 0: no effect shown", "low": 0.0, "high": 0.0}
+    write("runs/register/registration.json", {"model": "dynamicid", "registered": False,
+                                              "gate": {"passed": False, "checks": [check]}})
+    assert main(["summary"]) == 0
     out = capsys.readouterr().out
-    assert "= 1.0 standard errors: FAIL" in out
+    assert "gain 0.001 [-0.001, 0.003]: FAIL" in out
+    assert "nothing registered: the gate rejected the model (1 criteria failed" in out
+    assert ("- single.id_lift = 0.0000 (95% interval [0.0000, 0.0000]), needs interval > 0.0000: the interval "
+            "includes 0: no effect shown") in out
+    assert "dynamicid serve" not in out
+
+
+def test_candidate_alias_only(outputs, capsys):
+    write("runs/register/registration.json", {"model": "dynamicid", "registered": True, "version": "3",
+                                              "aliases": ["candidate"], "gate": {"passed": True}})
+    assert main(["summary"]) == 0
+    out = capsys.readouterr().out
     assert "(@candidate;" in out and "models:/dynamicid@candidate" in out
 
 

@@ -128,6 +128,13 @@ def test_stage_outputs_for_dvc(chain):
     assert set(checks) == {"anchor", "reconfigure"} and all(isinstance(c["passed"], bool) for c in checks.values())
     assert checks["anchor"]["metrics"]["id_gain"] == pytest.approx(
         json.loads((root / "runs" / "anchor" / "metrics.json").read_text())["id_gain"])
+    # ... bound to the weights they were measured on: stage 2 froze stage 1's parts, so both records match the
+    # reconfigure export, and the anchor's record matches the anchor export too
+    from components.evaluate.measure import learning_check_records
+
+    bound = learning_check_records(root / "runs" / "reconfigure" / "export")
+    assert {stage: r["weights_match"] for stage, r in bound.items()} == {"anchor": True, "reconfigure": True}
+    assert learning_check_records(root / "runs" / "anchor" / "export")["anchor"]["weights_match"] is True
     # stage 1 trained from its frozen-feature cache: one complete cache of exactly the training images
     from components.core.shards import PreparedData
     from components.train.data import holdout_split

@@ -7,12 +7,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
-
-if TYPE_CHECKING:
-    pass
-
-
+from typing import Literal
 
 Direction = Literal["higher", "lower"]
 
@@ -28,36 +23,55 @@ _ID = "identity cosine similarity, reference vs detected generated face; a misse
 
 SINGLE: dict[str, MetricInfo] = {
     "id_similarity": MetricInfo("higher", _ID),
-    "region_similarity": MetricInfo("higher", "identity similarity of the embedded layout-region crop (no detection)"),
-    "detection_failure_rate": MetricInfo("lower", "fraction of expected faces the detector did not find"),
+    "shuffled_id_similarity": MetricInfo(
+        "lower", "the control: similarity to this person's reference of the image generated (same prompt and seed) "
+        "with another held-out person's ID tokens"),
+    "id_lift": MetricInfo("higher", "id_similarity - shuffled_id_similarity, paired per case: how much of the "
+                          "likeness comes from this person's tokens rather than from any person's"),
+    "identification_rate": MetricInfo("higher", "fraction of cases whose generated face is closer to its own "
+                                      "reference than to every other held-out person's (a missed face is wrong)"),
+    "identification_chance": MetricInfo("higher", "1 / number of held-out people: identification_rate by guessing"),
+    "detection_rate": MetricInfo("higher", "fraction of expected faces the detector found"),
+    "copy_paste": MetricInfo("lower", "similarity to the reference photo minus the mean similarity to other photos "
+                             "of the same person (MultiID-Bench): > 0 leans on the one photo rather than the person"),
     "clip_t": MetricInfo("higher", "CLIP image-text cosine of generated image and prompt"),
     "baseline_id_similarity": MetricInfo("higher", "id_similarity of the same prompt/seed with ID injection off"),
-    "baseline_detection_failure_rate": MetricInfo("lower", "detection_failure_rate with ID injection off"),
     "baseline_clip_t": MetricInfo("higher", "clip_t with ID injection off"),
-    "baseline_region_similarity": MetricInfo("higher", "region_similarity with ID injection off"),
-    "region_lift": MetricInfo("higher", "region_similarity - baseline_region_similarity"),
-    "id_lift": MetricInfo("higher", "id_similarity - baseline_id_similarity: what the ID path adds"),
     "clip_t_delta": MetricInfo("higher", "clip_t - baseline_clip_t: text alignment the ID path costs (< 0) or adds"),
+    "people": MetricInfo("higher", "held-out people behind the numbers (N of the intervals)"),
 }
 
 
 MULTI: dict[str, MetricInfo] = {
-    **SINGLE,
     "id_similarity": MetricInfo("higher", _ID + "; faces matched to references by Hungarian assignment"),
-    "confusion_rate": MetricInfo("lower", "fraction of matched faces more similar to another person's reference"),
+    "confusion_rate": MetricInfo("lower", "fraction of people whose matched face is more similar to another "
+                                 "person's reference than to their own"),
+    "missing_rate": MetricInfo("lower", "fraction of people left without a face after matching"),
+    "copy_paste": SINGLE["copy_paste"],
+    "clip_t": SINGLE["clip_t"],
+    "baseline_clip_t": SINGLE["baseline_clip_t"],
+    "clip_t_delta": SINGLE["clip_t_delta"],
+    "people": SINGLE["people"],
 }
 
 
 EDIT: dict[str, MetricInfo] = {
     "id_similarity": MetricInfo("higher", _ID + ", on the edited output"),
-    "detection_failure_rate": MetricInfo("lower", "fraction of edited outputs without a detected face"),
+    "detection_rate": MetricInfo("higher", "fraction of edited outputs with a detected face"),
     "pose_error": MetricInfo("lower", "mean |measured - requested| of yaw and pitch in degrees (pose edits)"),
     "expression_agreement": MetricInfo("higher", "fraction of expression edits whose estimated expression matches"),
     "baseline_pose_error": MetricInfo("lower", "pose_error of the unedited output (same identity, prompt, seed)"),
     "baseline_expression_agreement": MetricInfo("higher", "expression_agreement of the unedited output"),
-    "pose_error_gain": MetricInfo("higher", "baseline_pose_error - pose_error: degrees the edit moves towards the request"),
-    "expression_agreement_gain": MetricInfo("higher", "expression_agreement - baseline_expression_agreement"),
+    "pose_error_gain": MetricInfo("higher", "baseline_pose_error - pose_error, paired per case: degrees the edit "
+                                  "moves towards the request"),
+    "expression_agreement_gain": MetricInfo("higher", "expression_agreement - baseline_expression_agreement, "
+                                            "paired per case"),
+    "people": SINGLE["people"],
 }
+
+
+# Metrics reported with a 95 % interval over people (``<name>_low`` / ``<name>_high`` next to the value).
+INTERVAL_SUFFIXES = ("_low", "_high")
 
 
 _NAME = re.compile(r"^(single|multi(\d+)|edit)\.([a-z_]+)$")
@@ -67,6 +81,12 @@ def metric_info(name: str) -> MetricInfo:
     """Catalogue entry of a metric name; KeyError with the known names when unknown."""
     m = _NAME.match(name)
     table = None
+    if m and m.group(3).endswith(INTERVAL_SUFFIXES) and "_" in m.group(3):
+        base = name.rsplit("_", 1)[0]
+        try:
+            return metric_info(base)
+        except KeyError:
+            pass
     if m:
         kind = m.group(1)
         table = SINGLE if kind == "single" else EDIT if kind == "edit" else MULTI if int(m.group(2)) >= 2 else None

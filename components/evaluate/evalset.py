@@ -28,17 +28,24 @@ class Reference:
     key: str
     image: "np.ndarray"      # [H, W, 3] uint8, given to the pipeline as the person's photo
     embedding: "np.ndarray"  # [D] L2-normalised, from the configured recognizer
+    others: "np.ndarray | None" = None  # [K, D] embeddings of other photos of the same person (copy-paste score)
+    other_keys: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class Job:
-    """One generation with ID injection on: which references, prompt, seed, optional edit."""
+    """One generation with ID injection on: which references, prompt, seed, optional edit.
 
-    kind: str                # single | multi<N> | edit
-    refs: tuple[int, ...]    # indices into EvalSet.references
+    A ``shuffled`` job is the identity control of the single case of reference ``against``: the same prompt and
+    seed with another held-out person's photo (``refs``), measured against ``against``'s reference.
+    """
+
+    kind: str                # single | shuffled | multi<N> | edit
+    refs: tuple[int, ...]    # indices into EvalSet.references whose photos are given to the pipeline
     prompt: str
     seed: int
     edit: str | None = None
+    against: int | None = None  # shuffled only: the reference the image is compared with
 
 
 @dataclass
@@ -54,7 +61,7 @@ class EvalSet:
         baseline serves every case with that prompt and seed."""
         seen: dict[tuple[str, int], None] = {}
         for j in self.jobs:
-            if j.kind != "edit":
+            if j.kind not in ("edit", "shuffled"):
                 seen.setdefault((j.prompt, j.seed), None)
         return list(seen)
 
@@ -74,10 +81,26 @@ def _prepared(params: "Params"):
         raise UserError(f"data.prepared: {err}") from None
 
 
-def _pick_references(params: "Params", data, analyzer) -> list[Reference]:
-    """First usable image (in (identity, image) order) of the first num_identities test identities."""
+def _detect(params: "Params", analyzer, image: "np.ndarray", who: str):
+    from model.face_analysis.face import pick_face
+
+    return pick_face(analyzer.detect(image), who=who, min_size=params.face.min_face_size)
+
+
+def _reference_image(params: "Params", sample) -> "np.ndarray":
+    image = sample.face_crop if params.evaluate.reference_image == "face_crop" else sample.pixels
+    if image.ndim == 2 or image.shape[-1] != 3:
+        image = image[..., :3] if image.ndim == 3 else image[..., None].repeat(3, -1)
+    return image
+
+
+def _pick_references(params: "Params", data, analyzer, other_photos: int = 3) -> list[Reference]:
+    """First usable image (in (identity, image) order) of each held-out identity (the first num_identities of them
+    when it is set), and up to ``other_photos`` further photos of the same person for the copy-paste score."""
+    import numpy as np
+
     from components.core.errors import UserError
-    from model.face_analysis.face import FaceAnalysisError, pick_face
+    from model.face_analysis.face import FaceAnalysisError
 
     ev = params.evaluate
     ids = data.identities(ev.split)
@@ -86,22 +109,30 @@ def _pick_references(params: "Params", data, analyzer) -> list[Reference]:
                         f"(evaluate.split; prepare holds out prepare.test_fraction of identities)")
     refs: list[Reference] = []
     for identity in sorted(ids):
+        ref: Reference | None = None
+        others, keys = [], []
         for pos in ids[identity]:
             sample = data.sample(pos)
-            image = sample.face_crop if ev.reference_image == "face_crop" else sample.pixels
-            if image.ndim == 2 or image.shape[-1] != 3:
-                image = image[..., :3] if image.ndim == 3 else image[..., None].repeat(3, -1)
+            image = _reference_image(params, sample)
             try:
-                face = pick_face(analyzer.detect(image), who=f"reference {identity}",
-                                 min_size=params.face.min_face_size)
+                face = _detect(params, analyzer, image, f"reference {identity}")
             except FaceAnalysisError as err:
                 log.warning("evaluation set: skipping %s (%s)", sample.image, err)
                 continue
-            refs.append(Reference(identity=identity, key=sample.key, image=image, embedding=face.embedding))
+            if ref is None:
+                ref = Reference(identity=identity, key=sample.key, image=image, embedding=face.embedding)
+            else:
+                others.append(face.embedding)
+                keys.append(sample.key)
+                if len(others) == other_photos:
+                    break
+        if ref is not None:
+            ref.others = np.stack(others) if others else None
+            ref.other_keys = tuple(keys)
+            refs.append(ref)
+        if ev.num_identities and len(refs) == ev.num_identities:
             break
-        if len(refs) == ev.num_identities:
-            break
-    if len(refs) < ev.num_identities:
+    if ev.num_identities and len(refs) < ev.num_identities:
         log.warning("evaluation set: %d usable test identities, evaluate.num_identities asks for %d",
                     len(refs), ev.num_identities)
     if not refs:
@@ -125,10 +156,14 @@ def build_eval_set(params: "Params", analyzer, *, clip_id: str) -> EvalSet:
     refs = _pick_references(params, data, analyzer)
     n_refs = len(refs)
     jobs: list[Job] = [Job("single", (i,), p, s) for i in range(n_refs) for p in ev.prompts for s in ev.seeds]
+    if n_refs > 1:  # the identity control: the next person's photo (a derangement), same prompt and seed
+        jobs += [Job("shuffled", ((i + 1) % n_refs,), p, s, against=i)
+                 for i in range(n_refs) for p in ev.prompts for s in ev.seeds]
     for n in ev.multi_id:
         if n > n_refs:
             raise UserError(f"evaluate.multi_id asks for {n} identities per image, but only {n_refs} test "
-                            f"identities have a usable reference (evaluate.num_identities = {ev.num_identities})")
+                            f"identities have a usable reference (evaluate.num_identities = {ev.num_identities}, "
+                            f"0 = all)")
         groups: list[tuple[int, ...]] = []
         for g in range(ev.multi_groups):
             grp = tuple((g * n + k) % n_refs for k in range(n))
@@ -139,12 +174,12 @@ def build_eval_set(params: "Params", analyzer, *, clip_id: str) -> EvalSet:
     jobs += [Job("edit", (i,), ev.prompts[0], s, e) for i in range(n_refs) for e in ev.edits for s in ev.seeds]
     backend = params.face.resolved_backend(params.model.profile)
     definition = {
-        "version": 1,
+        "version": 2,
         "split": ev.split,
         "reference_image": ev.reference_image,
-        "references": [{"identity": r.identity, "key": r.key} for r in refs],
-        "jobs": [{"kind": j.kind, "refs": list(j.refs), "prompt": j.prompt, "seed": j.seed, "edit": j.edit}
-                 for j in jobs],
+        "references": [{"identity": r.identity, "key": r.key, "others": list(r.other_keys)} for r in refs],
+        "jobs": [{"kind": j.kind, "refs": list(j.refs), "prompt": j.prompt, "seed": j.seed, "edit": j.edit,
+                  **({"against": j.against} if j.against is not None else {})} for j in jobs],
         "generation": {"steps": ev.steps, "guidance_scale": ev.guidance_scale, "id_scale": resolved_id_scale(params),
                        "negative_prompt": ev.negative_prompt, "profile": params.model.profile,
                        "resolution": params.model.active.resolution},

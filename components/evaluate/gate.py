@@ -1,5 +1,6 @@
-"""The promotion gate: a pure function from evaluation metrics (and a reference record) to a verdict with
-one line per criterion, so that it is tested with explicit numbers.
+"""The promotion gate: a pure function from an evaluation (metrics with their intervals, the checkpoint's learning
+checks) and a fixed reference record to a verdict with one line per criterion, so that it is tested with
+explicit numbers and every failure names its value, interval and threshold.
 """
 
 from __future__ import annotations
@@ -11,77 +12,142 @@ if TYPE_CHECKING:
     from components.core.config.evaluate import GateParams
 
 
+# The learning checks a full DynamicID checkpoint carries, with the statistic that decides each one.
+LEARNING_CHECKS = {"anchor": "id_gain", "reconfigure": "imr_gain"}
+
+
 @dataclass
 class Check:
-    """One gate check. margin > 0: passed by that much; margin < 0: failed by that much."""
+    """One gate criterion. margin > 0: passed by that much; margin < 0: failed by that much."""
 
     metric: str
-    check: str                 # "minimum" | "maximum" | "vs champion"
-    value: float | None        # candidate's value (None: not measured)
-    limit: float | None        # the bound the value had to meet
+    check: str                 # "minimum" | "maximum" | "interval above" | "vs reference" | "learning check"
+    value: float | None        # the candidate's value (None: not measured)
+    limit: float | None        # the bound the value (or its interval) had to meet
     margin: float | None
     passed: bool
     note: str = ""
+    low: float | None = None   # the 95 % interval over people, where the metric has one
+    high: float | None = None
 
 
 @dataclass
 class GateResult:
     checks: list[Check] = field(default_factory=list)
-    champion_version: str | None = None
+    reference: str | None = None
 
     @property
     def passed(self) -> bool:
-        return all(c.passed for c in self.checks)
+        return bool(self.checks) and all(c.passed for c in self.checks)
 
     @property
     def failures(self) -> list[Check]:
         return [c for c in self.checks if not c.passed]
 
     def to_json(self) -> dict[str, Any]:
-        return {"passed": self.passed, "champion_version": self.champion_version,
-                "checks": [asdict(c) for c in self.checks]}
+        return {"passed": self.passed, "reference": self.reference, "checks": [asdict(c) for c in self.checks]}
 
 
-def _bound(metric: str, value: float | None, limit: float, kind: str) -> Check:
+def _interval(metrics: dict[str, float | None], name: str) -> tuple[float | None, float | None]:
+    return metrics.get(f"{name}_low"), metrics.get(f"{name}_high")
+
+
+def _bound(metrics: dict[str, float | None], metric: str, limit: float, kind: str) -> Check:
+    value = metrics.get(metric)
+    low, high = _interval(metrics, metric)
     if value is None:
-        return Check(metric, kind, None, limit, None, False, "not measured")
+        return Check(metric, kind, None, limit, None, False, "not measured", low, high)
     margin = value - limit if kind == "minimum" else limit - value
-    return Check(metric, kind, value, limit, margin, margin >= 0)
+    return Check(metric, kind, value, limit, margin, margin >= 0, "", low, high)
 
 
-def check_gate(metrics: dict[str, float | None], gate: "GateParams", champion: dict[str, float] | None = None,
-               champion_version: str | None = None) -> GateResult:
-    """Every threshold of ``gate`` against ``metrics`` (flat ``kind.leaf`` names).
+def _above(metrics: dict[str, float | None], metric: str, limit: float) -> Check:
+    value = metrics.get(metric)
+    low, high = _interval(metrics, metric)
+    if value is None:
+        return Check(metric, "interval above", None, limit, None, False, "not measured")
+    if low is None:
+        return Check(metric, "interval above", value, limit, None, False, "no interval (one person or none)")
+    margin = low - limit
+    note = "" if margin > 0 else f"the interval includes {limit:g}: no effect shown"
+    return Check(metric, "interval above", value, limit, margin, margin > 0, note, low, high)
 
-    Regression checks are direction-aware: for a higher-is-better metric the candidate may be at
-    most ``allowed`` below the champion, for a lower-is-better one at most ``allowed`` above. A
-    metric the candidate did not measure fails its checks; without a champion, or when the champion
-    has no value for a metric, the regression check passes with a note (there is nothing to
-    regress against, and the absolute thresholds still apply).
+
+def _learning(stage: str, record: dict[str, Any] | None) -> Check:
+    stat = LEARNING_CHECKS[stage]
+    name = f"learning_checks.{stage}"
+    if not record:
+        return Check(name, "learning check", None, None, None, False,
+                     "not run: the checkpoint carries no record (untrained, or not exported by `dynamicid train`)")
+    m = record.get("metrics") or {}
+    value, low, high = m.get(stat), m.get(f"{stat}_low"), m.get(f"{stat}_high")
+    if record.get("weights_match") is False:
+        return Check(name, "learning check", value, None, None, False,
+                     "measured on other weights than the ones evaluated", low, high)
+    if not record.get("passed"):
+        why = record.get("reason") or _learning_why(stage, m)
+        return Check(name, "learning check", value, 0.0, None if low is None else low, False, why, low, high)
+    return Check(name, "learning check", value, 0.0, None if low is None else low, True, "", low, high)
+
+
+def _learning_why(stage: str, m: dict[str, float]) -> str:
+    """The part of a learning check that failed, in words (the checks are defined in docs/training.md)."""
+    if stage == "anchor":
+        return "own ID tokens do not lower the held-out loss below another person's tokens (id_gain interval)"
+    parts = []
+    if not m.get("imr_gain_passed"):
+        parts.append("the prediction is no closer to the target than with a shuffled target motion (imr_gain)")
+    if m.get("imr_stay_ratio_high") is None or m.get("imr_stay_ratio_high", 1.0) >= 1.0:
+        parts.append("asking for no change does not stay near the source (imr_stay_ratio)")
+    return "; ".join(parts) or "failed"
+
+
+def check_gate(metrics: dict[str, float | None], gate: "GateParams", *,
+               learning_checks: dict[str, dict] | None = None, reference: dict[str, Any] | None = None,
+               eval_set_hash: str | None = None) -> GateResult:
+    """Every criterion of ``gate`` against an evaluation (flat ``kind.leaf`` metrics with ``_low``/``_high``).
+
+    ``learning_checks`` is report.json's copy of the checkpoint's records (stage -> passed, metrics,
+    weights_match). ``reference`` is the fixed reference record ({"name", "eval_set_hash", "metrics"}):
+    regression checks are direction-aware (a higher-is-better metric may be at most ``allowed`` below the
+    reference, a lower-is-better one at most ``allowed`` above) and need the same evaluation set. A metric the
+    candidate did not measure fails every criterion placed on it; a gate with no criteria passes nothing.
     """
     from components.core.metric_catalogue import higher_is_better
 
-    res = GateResult(champion_version=champion_version)
+    res = GateResult(reference=None if reference is None else str(reference.get("name", "reference")))
+    if gate.learning_checks:
+        for stage in LEARNING_CHECKS:
+            res.checks.append(_learning(stage, (learning_checks or {}).get(stage)))
     for metric, limit in sorted(gate.minimums.items()):
-        res.checks.append(_bound(metric, metrics.get(metric), limit, "minimum"))
+        res.checks.append(_bound(metrics, metric, limit, "minimum"))
     for metric, limit in sorted(gate.maximums.items()):
-        res.checks.append(_bound(metric, metrics.get(metric), limit, "maximum"))
+        res.checks.append(_bound(metrics, metric, limit, "maximum"))
+    for metric, limit in sorted(gate.interval_above.items()):
+        res.checks.append(_above(metrics, metric, limit))
     for metric, allowed in sorted(gate.max_regression.items()):
         value = metrics.get(metric)
-        base = None if champion is None else champion.get(metric)
-        if base is None:
-            note = "no champion" if champion is None else f"champion v{champion_version} has no value"
-            res.checks.append(Check(metric, "vs champion", value, None, None, value is not None,
-                                    note if value is not None else "not measured"))
+        low, high = _interval(metrics, metric)
+        if reference is None:
+            res.checks.append(Check(metric, "vs reference", value, None, None, False,
+                                    "no reference record (gate.reference)", low, high))
+            continue
+        if eval_set_hash is not None and reference.get("eval_set_hash") != eval_set_hash:
+            res.checks.append(Check(metric, "vs reference", value, None, None, False,
+                                    f"the reference was measured on evaluation set "
+                                    f"{str(reference.get('eval_set_hash'))[:12]}, the candidate on "
+                                    f"{eval_set_hash[:12]}", low, high))
+            continue
+        base = (reference.get("metrics") or {}).get(metric)
+        if base is None or value is None:
+            res.checks.append(Check(metric, "vs reference", value, None, None, False,
+                                    "not measured" if value is None else "the reference has no value", low, high))
             continue
         up = higher_is_better(metric)
         limit = base - allowed if up else base + allowed
-        if value is None:
-            res.checks.append(Check(metric, "vs champion", None, limit, None, False, "not measured"))
-            continue
         margin = value - limit if up else limit - value
-        res.checks.append(Check(metric, "vs champion", value, limit, margin, margin >= 0,
-                                f"champion v{champion_version} {base:.4f} {'-' if up else '+'} {allowed:g}"))
+        res.checks.append(Check(metric, "vs reference", value, limit, margin, margin >= 0,
+                                f"reference {base:.4f} {'-' if up else '+'} {allowed:g}", low, high))
     return res
 
 
@@ -89,22 +155,32 @@ def _num(v: float | None) -> str:
     return "-" if v is None else f"{v:+.4f}" if v < 0 else f"{v:.4f}"
 
 
-def _why(c: Check) -> str:
-    if c.margin is None:
-        return f"{c.metric} {c.check}: {c.note}"
-    return f"{c.metric} {c.check}: misses {_num(c.limit)} by {abs(c.margin):.4f}"
+def _iv(c: Check) -> str:
+    return "-" if c.low is None or c.high is None else f"[{_num(c.low)}, {_num(c.high)}]"
+
+
+def why(c: Check) -> str:
+    """One failed criterion in words: name, value, interval, threshold and what went wrong."""
+    sym = {"minimum": ">=", "maximum": "<=", "interval above": "interval >", "vs reference": "vs reference",
+           "learning check": "learning check"}[c.check]
+    value = "not measured" if c.value is None else f"{_num(c.value)}"
+    iv = f" (95% interval {_iv(c)})" if c.low is not None else ""
+    limit = "" if c.limit is None or c.check == "learning check" else f", needs {sym} {_num(c.limit)}"
+    note = f": {c.note}" if c.note and c.note != "not measured" else ""
+    return f"{c.metric} = {value}{iv}{limit}{note}"
 
 
 def format_table(result: GateResult) -> str:
-    """The gate as a text table: one line per check, failures marked FAIL with the signed margin."""
+    """The gate as a text table: one line per criterion with its interval, failures marked FAIL."""
     if not result.checks:
-        return "gate: no thresholds configured (params gate.minimums / maximums / max_regression)"
-    head = ("metric", "check", "value", "limit", "margin", "result", "note")
+        return ("gate: no criteria configured (params gate.learning_checks / minimums / maximums / interval_above /"
+                " max_regression): nothing passes an empty gate")
+    head = ("criterion", "check", "value", "95% interval", "limit", "margin", "result", "note")
     body = []
     for c in result.checks:
-        sym = {"minimum": ">=", "maximum": "<=", "vs champion": "vs champion"}[c.check]
-        body.append((c.metric, sym, _num(c.value), _num(c.limit), _num(c.margin), "ok" if c.passed else "FAIL",
-                     c.note))
+        sym = {"minimum": ">=", "maximum": "<=", "interval above": "interval >", "vs reference": "vs reference",
+               "learning check": "learning check"}[c.check]
+        body.append((c.metric, sym, _num(c.value), _iv(c), _num(c.limit), _num(c.margin),
+                     "ok" if c.passed else "FAIL", c.note))
     widths = [max(len(str(r[i])) for r in [head, *body]) for i in range(len(head))]
-    lines = ["  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in [head, *body]]
-    return "\n".join(lines)
+    return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in [head, *body])

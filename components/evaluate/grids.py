@@ -20,8 +20,9 @@ def _font():
 
 def write_grids(evalset: EvalSet, generated: list[Generated], baselines: dict, rows: list[dict], out_dir: Path,
                 grid_rows: int, cell: int) -> list[Path]:
-    """PNG pages per kind: references | generated (ID on) | baseline (ID off); for edits
-    reference | unedited | edited. A caption under each row gives prompt, seed and similarities."""
+    """PNG pages per kind: references | generated | another person's photo (the control) | ID off for single
+    cases, references | generated | ID off for multi-ID, reference | unedited | edited for edits. A caption under
+    each row gives seed, similarities to the reference and CLIP-T; the control's rows are shown beside their case."""
     from PIL import Image, ImageDraw
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -31,13 +32,19 @@ def write_grids(evalset: EvalSet, generated: list[Generated], baselines: dict, r
     for r in rows:
         by_job.setdefault(r["job"], []).append(r)
     single_index = {(j.refs, j.prompt, j.seed): i for i, j in enumerate(evalset.jobs) if j.kind == "single"}
+    control = {(j.against, j.prompt, j.seed): i for i, j in enumerate(evalset.jobs) if j.kind == "shuffled"}
     written: list[Path] = []
-    kinds = list(dict.fromkeys(j.kind for j in evalset.jobs))
+    kinds = [k for k in dict.fromkeys(j.kind for j in evalset.jobs) if k != "shuffled"]
     for kind in kinds:
         idxs = [i for i, j in enumerate(evalset.jobs) if j.kind == kind]
         n = len(evalset.jobs[idxs[0]].refs)
-        titles = ([f"reference {k + 1}" for k in range(n)] +
-                  (["unedited", "edited"] if kind == "edit" else ["generated", "ID off"]))
+        if kind == "edit":
+            shown = ["unedited", "edited"]
+        elif kind == "single" and control:
+            shown = ["generated", "other's photo", "ID off"]
+        else:
+            shown = ["generated", "ID off"]
+        titles = [f"reference {k + 1}" for k in range(n)] + shown
         for page, start in enumerate(range(0, len(idxs), grid_rows)):
             chunk = idxs[start:start + grid_rows]
             sheet = Image.new("RGB", (cell * len(titles), header_h + len(chunk) * (cell + caption_h)), "white")
@@ -52,7 +59,9 @@ def write_grids(evalset: EvalSet, generated: list[Generated], baselines: dict, r
                 if kind == "edit":
                     tiles += [generated[single_index[(job.refs, job.prompt, job.seed)]].image, generated[i].image]
                 else:
-                    tiles += [generated[i].image, baselines[(job.prompt, job.seed)]]
+                    c_i = control.get((job.refs[0], job.prompt, job.seed)) if kind == "single" else None
+                    tiles += [generated[i].image] + ([generated[c_i].image] if c_i is not None else [])
+                    tiles += [baselines[(job.prompt, job.seed)]]
                 for c, tile in enumerate(tiles):
                     sheet.paste(tile.convert("RGB").resize((cell, cell), Image.BICUBIC), (c * cell, y))
                 jr = by_job[i]
@@ -60,8 +69,13 @@ def write_grids(evalset: EvalSet, generated: list[Generated], baselines: dict, r
                 sims = "/".join(f"{r['id_similarity']:.2f}" for r in jr if r["variant"] in ("id", "edit"))
                 base = "/".join(f"{r['id_similarity']:.2f}" for r in jr if r["variant"] in ("baseline", "unedited"))
                 label = job.edit if kind == "edit" else job.prompt
-                draw.text((3, y + cell + 1), f"seed {job.seed}  sim {sims} (base {base})  clip {first['clip_t']:.3f}",
-                          fill="black", font=font)
+                other = ""
+                if kind == "single" and c_i is not None:
+                    other = " other " + "/".join(f"{r['id_similarity']:.2f}" for r in by_job[c_i])
+                    for r in by_job[c_i]:
+                        r["grid"], r["grid_row"] = name, row_no
+                draw.text((3, y + cell + 1), f"seed {job.seed}  sim {sims}{other} (off {base})  "
+                          f"clip {first['clip_t']:.3f}", fill="black", font=font)
                 draw.text((3, y + cell + 14), label[:90], fill="dimgray", font=font)
                 for r in jr:
                     r["grid"], r["grid_row"] = name, row_no

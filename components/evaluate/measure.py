@@ -1,4 +1,5 @@
-"""One measurement of a pipeline on the evaluation set, and the checkpoints measured: the candidate, the champion.
+"""One measurement of a pipeline on the evaluation set, the checkpoint it measures, and the learning-check
+records that checkpoint carries (bound to its weights).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def measure(pipe, evalset: EvalSet, params: "Params", clip, faces: FaceCache) ->
     return Measurement(metrics=aggregate(rows), rows=rows, generated=generated, baselines=baselines)
 
 
-# --------------------------------------------------------------------------- checkpoint + champion
+# --------------------------------------------------------------------------- the checkpoint and its records
 
 
 def resolve_checkpoint(uri: str, params: "Params", scratch: Path) -> Path:
@@ -55,30 +56,19 @@ def resolve_checkpoint(uri: str, params: "Params", scratch: Path) -> Path:
         raise UserError(f"checkpoint {uri}: {err}") from None
 
 
-def champion_on_this_set(params: "Params", evalset: EvalSet, candidate_digest: str, candidate: Measurement,
-                         clip, faces: FaceCache, scratch: Path) -> dict | None:
-    """The champion's metrics on this evaluation set: from its registry tags when it was measured
-    on the same set, else measured now (download it from the registry and run the same cases)."""
-    from components.core import registry
-    from components.core.errors import UserError
-    from components.core.runtime import pipeline_from_params
-    from model.checkpoint import CheckpointError
+def learning_check_records(ckpt: Path) -> dict[str, dict]:
+    """The checkpoint's learning-check records (written by `dynamicid train`), each with ``weights_match``: whether
+    the weights it was measured on (its ``weights`` digest over its ``parts``) are the weights of this checkpoint.
+    A record without a digest, or whose parts are missing here, does not match."""
+    from model.checkpoint import load_parts, parts_digest
 
-    name, alias = params.mlflow.registered_model, params.gate.champion_alias
-    mv = registry.alias_version(registry.client(), name, alias)
-    if mv is None:
-        log.info("no %s@%s in the registry: nothing to compare with", name, alias)
-        return None
-    info = {"version": str(mv.version), "alias": alias, "eval_set_hash": evalset.hash}
-    if mv.tags.get("eval_set_hash") == evalset.hash:
-        return {**info, "source": "registry tags", "metrics": registry.version_metrics(mv)}
-    log.info("champion v%s was measured on another evaluation set: measuring it on this one", mv.version)
-    ckpt = registry.download_checkpoint(f"models:/{name}/{mv.version}", scratch / "champion")
-    if registry.checkpoint_digest(ckpt) == candidate_digest:
-        return {**info, "source": "same checkpoint", "metrics": candidate.metrics}
-    try:
-        pipe = pipeline_from_params(params, ckpt, face_analyzer=faces.analyzer)
-    except CheckpointError as err:
-        raise UserError(f"champion v{mv.version} cannot be evaluated with these params: {err}") from None
-    m = measure(pipe, evalset, params, clip, FaceCache(faces.analyzer))  # a fresh cache: new images
-    return {**info, "source": "measured", "metrics": m.metrics}
+    manifest, parts = load_parts(ckpt)
+    out: dict[str, dict] = {}
+    for stage, record in (manifest.get("learning_checks") or {}).items():
+        names = record.get("parts") or []
+        try:
+            match = bool(names) and parts_digest(parts, names) == record.get("weights")
+        except KeyError:
+            match = False
+        out[stage] = {**record, "weights_match": match}
+    return out

@@ -98,22 +98,6 @@ def assign_faces(sim: np.ndarray) -> Assignment:
     return Assignment(face=face, similarity=score, confused=confused)
 
 
-def region_box(region: Sequence[float], hw: tuple[int, int]) -> tuple[int, int, int, int]:
-    """Largest square (left, top, right, bottom) centred in a layout region (y0, x0, y1, x1 in [0, 1]).
-
-    Square because recognizers take square aligned crops; centred because the SAA region boost
-    anchors the face in the middle of its region.
-    """
-    h, w = hw
-    y0, x0, y1, x1 = (float(v) for v in region)
-    top, left, bottom, right = y0 * h, x0 * w, y1 * h, x1 * w
-    side = max(1, int(round(min(bottom - top, right - left))))
-    cy, cx = (top + bottom) / 2, (left + right) / 2
-    t = int(round(min(max(cy - side / 2, 0), h - side)))
-    l_ = int(round(min(max(cx - side / 2, 0), w - side)))
-    return l_, t, l_ + side, t + side
-
-
 # --------------------------------------------------------------------------- editability
 
 
@@ -131,51 +115,91 @@ def mean_or_none(values: Sequence[float | None]) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
-def _diff(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None else a - b
+def _put(out: dict[str, float | None], name: str, values: Sequence[float | None], people: Sequence[str]) -> None:
+    """``name`` = mean over people of the measured values, with ``name_low`` / ``name_high``: the 95 % interval
+    that resamples people (components.core.stats); no interval from fewer than two people."""
+    from components.core.stats import clustered_interval
+
+    kept = [(float(v), str(p)) for v, p in zip(values, people) if v is not None]
+    if not kept:
+        out[name] = None
+        return
+    iv = clustered_interval([v for v, _ in kept], [p for _, p in kept])
+    out[name] = iv.mean
+    if iv.people > 1:
+        out[f"{name}_low"], out[f"{name}_high"] = iv.low, iv.high
+
+
+def _paired(a_rows: Sequence[dict], b_rows: dict[tuple, dict], key, column: str) -> tuple[list, list]:
+    """a - b per pair (rows of b looked up by ``key`` of a row), with the person of each pair."""
+    values, people = [], []
+    for r in a_rows:
+        other = b_rows.get(key(r))
+        if other is None or r[column] is None or other[column] is None:
+            continue
+        values.append(float(r[column]) - float(other[column]))
+        people.append(r["identity"])
+    return values, people
+
+
+def _flag(v: bool | None) -> float | None:
+    return None if v is None else float(bool(v))
 
 
 def aggregate(rows: Sequence[dict]) -> dict[str, float | None]:
-    """Per-sample rows (see components.evaluate.scoring) -> flat ``kind.leaf`` metrics.
+    """Per-sample rows (components.evaluate.scoring) -> flat ``kind.leaf`` metrics, each a mean over held-out
+    people with its 95 % person-bootstrap interval as ``kind.leaf_low`` / ``kind.leaf_high``.
 
-    Rows of variant "id" and "baseline" give the ID-on / ID-off numbers of single and multi kinds;
-    rows of kind "edit" have variant "edit" (edited output) or "unedited" (same identity, prompt
-    and seed without the edit). Missed faces are rows with detected = False and similarity 0.
+    A missed face is a row with detected = False and similarity 0; contrasts (identity lift, CLIP-T delta, edit
+    gains) are paired per case (same person, prompt and seed) before they are averaged.
     """
     out: dict[str, float | None] = {}
-    kinds = sorted({r["kind"] for r in rows})
-    for kind in kinds:
+    for kind in sorted({r["kind"] for r in rows}):
         krows = [r for r in rows if r["kind"] == kind]
+        by = {v: [r for r in krows if r["variant"] == v] for v in {r["variant"] for r in krows}}
+        main = by.get("edit" if kind == "edit" else "id", [])
+        who = [r["identity"] for r in main]
+        out[f"{kind}.people"] = float(len(set(who)))
+        _put(out, f"{kind}.id_similarity", [r["id_similarity"] for r in main], who)
         if kind == "edit":
-            ed = [r for r in krows if r["variant"] == "edit"]
-            un = [r for r in krows if r["variant"] == "unedited"]
-            out["edit.id_similarity"] = mean_or_none([r["id_similarity"] for r in ed])
-            out["edit.detection_failure_rate"] = mean_or_none([0.0 if r["detected"] else 1.0 for r in ed])
-            out["edit.pose_error"] = mean_or_none([r["pose_error"] for r in ed])
-            out["edit.expression_agreement"] = mean_or_none([r["expression_agree"] for r in ed])
-            out["edit.baseline_pose_error"] = mean_or_none([r["pose_error"] for r in un])
-            out["edit.baseline_expression_agreement"] = mean_or_none([r["expression_agree"] for r in un])
-            out["edit.pose_error_gain"] = _diff(out["edit.baseline_pose_error"], out["edit.pose_error"])
-            out["edit.expression_agreement_gain"] = _diff(out["edit.expression_agreement"],
-                                                          out["edit.baseline_expression_agreement"])
+            un = {r["job"]: r for r in by.get("unedited", [])}
+            unedited = by.get("unedited", [])
+            _put(out, "edit.detection_rate", [float(r["detected"]) for r in main], who)
+            _put(out, "edit.pose_error", [r["pose_error"] for r in main], who)
+            _put(out, "edit.expression_agreement", [r["expression_agree"] for r in main], who)
+            _put(out, "edit.baseline_pose_error", [r["pose_error"] for r in unedited],
+                 [r["identity"] for r in unedited])
+            _put(out, "edit.baseline_expression_agreement", [r["expression_agree"] for r in unedited],
+                 [r["identity"] for r in unedited])
+            gain, people = _paired(by.get("unedited", []), {(r["job"],): r for r in main}, lambda r: (r["job"],),
+                                   "pose_error")
+            _put(out, "edit.pose_error_gain", gain, people)
+            gain, people = _paired(main, {(j,): r for j, r in un.items()}, lambda r: (r["job"],), "expression_agree")
+            _put(out, "edit.expression_agreement_gain", gain, people)
             continue
-        on = [r for r in krows if r["variant"] == "id"]
-        off = [r for r in krows if r["variant"] == "baseline"]
-        out[f"{kind}.id_similarity"] = mean_or_none([r["id_similarity"] for r in on])
-        out[f"{kind}.region_similarity"] = mean_or_none([r["region_similarity"] for r in on])
-        out[f"{kind}.detection_failure_rate"] = mean_or_none([0.0 if r["detected"] else 1.0 for r in on])
-        out[f"{kind}.clip_t"] = mean_or_none([r["clip_t"] for r in on])
-        if kind != "single":
-            out[f"{kind}.confusion_rate"] = mean_or_none([None if r["confused"] is None else float(r["confused"])
-                                                          for r in on])
-        out[f"{kind}.baseline_id_similarity"] = mean_or_none([r["id_similarity"] for r in off])
-        out[f"{kind}.baseline_detection_failure_rate"] = mean_or_none([0.0 if r["detected"] else 1.0 for r in off])
-        out[f"{kind}.baseline_clip_t"] = mean_or_none([r["clip_t"] for r in off])
-        out[f"{kind}.baseline_region_similarity"] = mean_or_none([r["region_similarity"] for r in off])
-        out[f"{kind}.region_lift"] = _diff(out[f"{kind}.region_similarity"], out[f"{kind}.baseline_region_similarity"])
-        out[f"{kind}.id_lift"] = _diff(out[f"{kind}.id_similarity"], out[f"{kind}.baseline_id_similarity"])
-        out[f"{kind}.clip_t_delta"] = _diff(out[f"{kind}.clip_t"], out[f"{kind}.baseline_clip_t"])
-    return {k: (None if v is None else round(v, 6)) for k, v in out.items()}
+        base = by.get("baseline", [])
+        key = lambda r: (r["identity"], r["prompt"], r["seed"], r["group"])  # noqa: E731
+        _put(out, f"{kind}.copy_paste", [r["copy_paste"] for r in main], who)
+        _put(out, f"{kind}.clip_t", [r["clip_t"] for r in main], who)
+        _put(out, f"{kind}.baseline_clip_t", [r["clip_t"] for r in base], [r["identity"] for r in base])
+        delta, people = _paired(main, {key(r): r for r in base}, key, "clip_t")
+        _put(out, f"{kind}.clip_t_delta", delta, people)
+        if kind == "single":
+            shuffled = by.get("shuffled", [])
+            _put(out, "single.detection_rate", [float(r["detected"]) for r in main], who)
+            _put(out, "single.identification_rate", [_flag(r["identified"]) for r in main], who)
+            out["single.identification_chance"] = 1.0 / len(set(who)) if who else None
+            _put(out, "single.baseline_id_similarity", [r["id_similarity"] for r in base],
+                 [r["identity"] for r in base])
+            _put(out, "single.shuffled_id_similarity", [r["id_similarity"] for r in shuffled],
+                 [r["identity"] for r in shuffled])
+            pair = lambda r: (r["identity"], r["prompt"], r["seed"])  # noqa: E731
+            lift, people = _paired(main, {pair(r): r for r in shuffled}, pair, "id_similarity")
+            _put(out, "single.id_lift", lift, people)
+        else:
+            _put(out, f"{kind}.confusion_rate", [_flag(r["confused"]) for r in main], who)
+            _put(out, f"{kind}.missing_rate", [0.0 if r["detected"] else 1.0 for r in main], who)
+    return {k: (None if v is None else round(float(v), 6)) for k, v in out.items()}
 
 
 def nest(flat: dict[str, float | None]) -> dict[str, dict[str, float]]:
@@ -321,6 +345,6 @@ def clip_model_path(params) -> Path:
 
 __all__ = [
     "MetricInfo", "SINGLE", "MULTI", "EDIT", "metric_info", "higher_is_better", "cosine", "similarity_matrix",
-    "Assignment", "assign_faces", "region_box", "pose_error", "EditTarget", "edit_target", "mean_or_none",
+    "Assignment", "assign_faces", "pose_error", "EditTarget", "edit_target", "mean_or_none",
     "aggregate", "nest", "flatten_metrics", "ClipScorer", "clip_model_path", "tiny_clip_dir",
 ]

@@ -4,13 +4,12 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from components.evaluate.evalset import EvalSet, Job
 from components.evaluate.generation import Generated
 
 if TYPE_CHECKING:
-    import numpy as np
     from PIL import Image
 
 log = logging.getLogger(__name__)
@@ -18,8 +17,8 @@ log = logging.getLogger(__name__)
 
 SAMPLE_COLUMNS = (
     "kind", "variant", "job", "group", "identity", "person", "prompt", "seed", "edit", "detected", "id_similarity",
-    "region_similarity", "confused", "clip_t", "target_expression", "expression", "expression_agree", "target_yaw",
-    "target_pitch", "yaw", "pitch", "pose_error", "grid", "grid_row",
+    "identified", "copy_paste", "confused", "clip_t", "target_expression", "expression", "expression_agree",
+    "target_yaw", "target_pitch", "yaw", "pitch", "pose_error", "grid", "grid_row",
 )
 
 
@@ -39,20 +38,6 @@ class FaceCache:
             self._faces[key] = self.analyzer.detect(np.asarray(image.convert("RGB")))
         return self._faces[key]
 
-    def region_embedding(self, image: "Image.Image", region: Sequence[float]) -> "np.ndarray | None":
-        import numpy as np
-
-        from components.evaluate.metrics import region_box
-        from model.face_analysis.face import FaceAnalysisError
-
-        arr = np.asarray(image.convert("RGB"))
-        left, top, right, bottom = region_box(region, arr.shape[:2])
-        try:
-            return self.analyzer.embed_aligned(np.ascontiguousarray(arr[top:bottom, left:right]))
-        except FaceAnalysisError as err:
-            log.debug("region crop not embeddable: %s", err)
-            return None
-
 
 def _row(kind: str, variant: str, job_index: int, job: Job, evalset: EvalSet, person: int, **values) -> dict:
     ref = evalset.references[job.refs[person]]
@@ -64,13 +49,13 @@ def _row(kind: str, variant: str, job_index: int, job: Job, evalset: EvalSet, pe
     return row
 
 
-def _match(faces: list, evalset: EvalSet, job: Job):
-    """Hungarian assignment of detected faces to the job's references."""
+def _match(faces: list, evalset: EvalSet, refs_idx: tuple[int, ...]):
+    """Hungarian assignment of detected faces to the given references."""
     import numpy as np
 
     from components.evaluate.metrics import assign_faces, similarity_matrix
 
-    refs = np.stack([evalset.references[r].embedding for r in job.refs])
+    refs = np.stack([evalset.references[r].embedding for r in refs_idx])
     embs = np.stack([f.embedding for f in faces]) if faces else np.zeros((0, refs.shape[1]))
     return assign_faces(similarity_matrix(refs, embs))
 
@@ -98,9 +83,54 @@ def _edit_values(face, target, estimator: str) -> dict:
     return out
 
 
+def _copy_paste(face, ref) -> float | None:
+    """Similarity to the reference photo minus the mean similarity to the person's other photos (None without a
+    face or without other photos)."""
+    import numpy as np
+
+    from components.evaluate.metrics import cosine, similarity_matrix
+
+    if face is None or ref.others is None or not len(ref.others):
+        return None
+    return cosine(face.embedding, ref.embedding) - float(np.mean(similarity_matrix(ref.others, face.embedding[None])))
+
+
+def _identified(face, evalset: EvalSet, own: int) -> bool:
+    """Top-1 identification among all held-out references (a missed face is not identified)."""
+    import numpy as np
+
+    from components.evaluate.metrics import similarity_matrix
+
+    if face is None:
+        return False
+    refs = np.stack([r.embedding for r in evalset.references])
+    sims = similarity_matrix(refs, face.embedding[None])[:, 0]
+    return bool(int(np.argmax(sims)) == own)
+
+
+def _single_row(i: int, job: Job, evalset: EvalSet, image, faces: "FaceCache", clip_t: float, variant: str,
+                 own: int) -> dict:
+    """One row of a single-person image scored against reference ``own`` (its own, or the control's target)."""
+    detected = faces.faces(image)
+    match = _match(detected, evalset, (own,))
+    face = detected[match.face[0]] if match.face[0] is not None else None
+    ref = evalset.references[own]
+    values = dict(detected=face is not None, id_similarity=float(match.similarity[0]), clip_t=clip_t)
+    if variant == "id":
+        values.update(identified=_identified(face, evalset, own), copy_paste=_copy_paste(face, ref))
+    row = _row("single", variant, i, job, evalset, 0, **values)
+    row.update(identity=ref.identity, group=ref.identity)
+    return row
+
+
 def score(evalset: EvalSet, generated: list[Generated], baselines: dict, faces: FaceCache, clip,
           estimator: str) -> list[dict]:
-    """Per-sample rows: one per (generated image, person) and variant (see SAMPLE_COLUMNS)."""
+    """Per-sample rows: one per (generated image, person) and variant (see SAMPLE_COLUMNS).
+
+    single: ``id`` (own photo), ``shuffled`` (another person's photo, same prompt and seed, compared with this
+    person's reference) and ``baseline`` (ID off); multi<N>: ``id`` and ``baseline`` per person after matching;
+    edit: ``edit`` and ``unedited`` (the single image of the same person, prompt and seed).
+    """
     from tqdm import tqdm
 
     from components.core.metric_catalogue import edit_target
@@ -114,6 +144,16 @@ def score(evalset: EvalSet, generated: list[Generated], baselines: dict, faces: 
     single_index = {(j.refs, j.prompt, j.seed): i for i, j in enumerate(evalset.jobs) if j.kind == "single"}
     rows: list[dict] = []
     for i, (job, gen) in enumerate(tqdm(list(zip(evalset.jobs, generated)), desc="evaluate: scoring", unit="img")):
+        if job.kind == "single":
+            own = job.refs[0]
+            rows.append(_single_row(i, job, evalset, gen.image, faces, float(job_clip[i]), "id", own))
+            rows.append(_single_row(i, job, evalset, baselines[(job.prompt, job.seed)], faces,
+                                     float(base_clip[(job.prompt, job.seed)]), "baseline", own))
+            continue
+        if job.kind == "shuffled":
+            rows.append(_single_row(i, job, evalset, gen.image, faces, float(job_clip[i]), "shuffled",
+                                     int(job.against)))
+            continue
         detected = faces.faces(gen.image)
         if job.kind == "edit":
             ref = evalset.references[job.refs[0]]
@@ -123,28 +163,20 @@ def score(evalset: EvalSet, generated: list[Generated], baselines: dict, faces: 
             rows.append(_row("edit", "edit", i, job, evalset, 0, detected=face is not None, id_similarity=sim,
                              clip_t=float(job_clip[i]), **_edit_values(face, target, estimator)))
             j0 = single_index[(job.refs, job.prompt, job.seed)]
-            plain = generated[j0].image
-            pf = faces.faces(plain)
+            pf = faces.faces(generated[j0].image)
             pface = pf[0] if pf else None
             rows.append(_row("edit", "unedited", i, job, evalset, 0, detected=pface is not None,
                              id_similarity=cosine(pface.embedding, ref.embedding) if pface is not None else 0.0,
                              clip_t=float(job_clip[j0]), **_edit_values(pface, target, estimator)))
             continue
-        match = _match(detected, evalset, job)
-        base_img = baselines[(job.prompt, job.seed)]
-        base_match = _match(faces.faces(base_img), evalset, job)
+        match = _match(detected, evalset, job.refs)
+        base_match = _match(faces.faces(baselines[(job.prompt, job.seed)]), evalset, job.refs)
         for p, r in enumerate(job.refs):
-            ref_emb = evalset.references[r].embedding
-            emb = faces.region_embedding(gen.image, gen.regions[p])
-            base_emb = faces.region_embedding(base_img, gen.regions[p])
-            multi = job.kind != "single"
+            face = detected[match.face[p]] if match.face[p] is not None else None
             rows.append(_row(job.kind, "id", i, job, evalset, p, detected=match.detected[p],
-                             id_similarity=float(match.similarity[p]),
-                             region_similarity=cosine(emb, ref_emb) if emb is not None else None,
-                             confused=match.confused[p] if multi else None, clip_t=float(job_clip[i])))
+                             id_similarity=float(match.similarity[p]), confused=match.confused[p],
+                             copy_paste=_copy_paste(face, evalset.references[r]), clip_t=float(job_clip[i])))
             rows.append(_row(job.kind, "baseline", i, job, evalset, p, detected=base_match.detected[p],
-                             id_similarity=float(base_match.similarity[p]),
-                             region_similarity=cosine(base_emb, ref_emb) if base_emb is not None else None,
-                             confused=base_match.confused[p] if multi else None,
+                             id_similarity=float(base_match.similarity[p]), confused=base_match.confused[p],
                              clip_t=float(base_clip[(job.prompt, job.seed)])))
     return rows

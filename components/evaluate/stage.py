@@ -1,26 +1,27 @@
-"""``dynamicid evaluate``: measure a checkpoint the way the paper does, on a fixed evaluation set.
+"""``dynamicid evaluate``: measure a checkpoint on a fixed evaluation set of people never seen in training.
 
-The evaluation set is built from the prepared test split (identities never seen in training):
-one fixed reference photo per identity, a fixed prompt list and fixed seeds. Every case is
-generated twice with the same noise, once with ID injection on and once off (the baseline), so
-each report shows what the ID path adds. Metrics (components.evaluate.metrics, defined in
-docs/evaluation.md): single-ID identity similarity (+ detection failures, + layout-region crop
-similarity), CLIP-T, multi-ID per-person similarity after Hungarian matching and identity
-confusion, and editability (head-pose error, expression agreement, identity kept).
+The evaluation set is built from the prepared test split: one fixed reference photo per held-out person, a
+fixed prompt list and fixed seeds. Every single-person case is generated three times with the same noise: with
+the person's photo, with another held-out person's photo (the identity control) and with ID injection off.
+Metrics (components.evaluate.metrics, defined in docs/evaluation.md) are read back from the generated images
+with the configured face recognizer and CLIP, each a mean over people with a 95 % interval that resamples
+people: identity similarity, identity lift over the control, top-1 identification, detection rate, copy-paste,
+CLIP-T; multi-ID similarity after Hungarian matching, confusion and missing faces; edit pose error and
+expression agreement against the unedited image.
 
 Outputs under ``--output`` (default params evaluate.output), each a separate DVC out::
 
-    metrics.json     DVC metrics (nested: {"single": {"id_similarity": ...}, ...}); unmeasured values omitted
-    samples.csv      one row per (generated image, person): the numbers behind every metric
+    metrics.json     DVC metrics (nested: {"single": {"id_lift": ..., "id_lift_low": ...}}); unmeasured omitted
+    samples.csv      one row per (generated image, person, variant): the numbers behind every metric
     eval_set.json    the evaluation set definition and its hash
-    report.json      lineage (checkpoint digest, data version, git commit, params hash), MLflow run,
-                     the champion's metrics on the same set (when a champion exists)
-    grids/*.png      reference | generated | baseline (or unedited | edited) per case
+    report.json      lineage (checkpoint digest, data version, git commit, params hash), MLflow run, counts,
+                     and the checkpoint's learning-check records (with whether they belong to these weights)
+    grids/*.png      reference | generated | another person's photo | ID off (edits: unedited | edited)
 
 Everything is also logged to one MLflow run (metrics, params, lineage tags, the files above).
 
-The parts: components.evaluate.evalset (the set), .generation, .scoring, .grids, .measure (one
-measurement; the candidate's and champion's checkpoints); this module writes the outputs.
+The parts: components.evaluate.evalset (the set), .generation, .scoring, .grids, .measure (one measurement,
+the checkpoint and its learning-check records); this module writes the outputs.
 """
 
 from __future__ import annotations
@@ -36,11 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from components.evaluate.evalset import EvalSet, build_eval_set
 from components.evaluate.grids import write_grids
-from components.evaluate.measure import (
-    champion_on_this_set,
-    measure,
-    resolve_checkpoint,
-)
+from components.evaluate.measure import learning_check_records, measure, resolve_checkpoint
 from components.evaluate.scoring import SAMPLE_COLUMNS, FaceCache
 
 if TYPE_CHECKING:
@@ -57,6 +54,7 @@ def counts(evalset: EvalSet, rows: list[dict]) -> dict[str, int]:
                            "baseline_images": len(evalset.baselines())}
     for kind in dict.fromkeys(j.kind for j in evalset.jobs):
         out[f"{kind}.cases"] = sum(1 for j in evalset.jobs if j.kind == kind)
+    out["people"] = len(evalset.references)
     out["edit.pose_measured"] = sum(1 for r in rows if r["variant"] == "edit" and r["pose_error"] is not None)
     out["edit.expression_measured"] = sum(1 for r in rows if r["variant"] == "edit"
                                           and r["expression_agree"] is not None)
@@ -127,8 +125,7 @@ def evaluate(params: "Params", checkpoint: str, output: str | Path) -> dict:
         faces = FaceCache(analyzer)
         result = measure(pipe, evalset, params, clip, faces)
         del pipe
-        champion = (champion_on_this_set(params, evalset, digest, result, clip, faces, scratch)
-                    if params.evaluate.compare_champion else None)
+        checks = learning_check_records(ckpt)
 
     out.mkdir(parents=True, exist_ok=True)
     grids = write_grids(evalset, result.generated, result.baselines, result.rows, out / "grids",
@@ -143,7 +140,7 @@ def evaluate(params: "Params", checkpoint: str, output: str | Path) -> dict:
         "checkpoint": public_uri(str(checkpoint)), "checkpoint_dir": str(ckpt), "checkpoint_digest": digest,
         "eval_set_hash": evalset.hash, **{k: tags[k] for k in ("git_commit", "params_hash", "data_version",
                                                                 "profile", "face_backend")},
-        "counts": counts(evalset, result.rows), "champion": champion,
+        "counts": counts(evalset, result.rows), "learning_checks": checks,
         "not_measured": sorted(k for k, v in result.metrics.items() if v is None),
         "grids": [str(p.relative_to(out)) for p in grids],
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -176,10 +173,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate",
         help="measure a checkpoint on the fixed evaluation set (identity, CLIP-T, multi-ID, editability)",
-        description="Generate the fixed evaluation set (test-split identities, params evaluate.prompts / seeds / "
-        "edits) with ID injection on and off, compute the metrics of docs/evaluation.md, and write metrics.json, "
-        "samples.csv, eval_set.json, report.json and grids/*.png; everything is logged to one MLflow run. "
-        "When the registry has a champion, its metrics on the same set go into report.json for the gate.",
+        description="Generate the fixed evaluation set (held-out people of the test split, params evaluate.prompts "
+        "/ seeds / edits) with each person's photo, with another person's photo (the control) and with ID "
+        "injection off; read the metrics of docs/evaluation.md back from the images, each with a 95% interval "
+        "over people; write metrics.json, samples.csv, eval_set.json, report.json (with the checkpoint's "
+        "learning-check records) and grids/*.png; everything is logged to one MLflow run.",
     )
     p.add_argument("--checkpoint", default=None,
                    help="checkpoint dir, s3:// URI or models:/name@alias (default: params evaluate.checkpoint)")
@@ -198,8 +196,10 @@ def run_evaluate(args: argparse.Namespace, params: "Params") -> int:
           f"({report['counts']['images']} images + {report['counts']['baseline_images']} baselines, "
           f"{report['duration_s']} s):")
     print(summary_table({**metrics, **{k: None for k in report["not_measured"]}}))
-    if report["champion"]:
-        print(f"champion v{report['champion']['version']} on the same set: {report['champion']['source']}")
+    for stage, rec in report["learning_checks"].items():
+        state = "passed" if rec.get("passed") else "failed"
+        bound = "" if rec.get("weights_match") else " (measured on other weights)"
+        print(f"learning check {stage}: {state}{bound}")
     print(f"wrote {output}/metrics.json, samples.csv, report.json, grids/; MLflow run {report['mlflow']['run_id']}")
     return 0
 

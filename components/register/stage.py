@@ -1,15 +1,14 @@
 """``dynamicid register``: the promotion gate, then an atomic registry publish.
 
-The gate compares the candidate's evaluation (metrics.json + report.json written by ``dynamicid
-evaluate``) with the thresholds in params ``gate`` (absolute minimums / maximums) and with the
-current champion (allowed regression per metric, measured on the same evaluation set). A
-candidate that fails is not registered: the command prints which check failed by how much and
-exits 1. A candidate that passes becomes a new version of the registered model (pyfunc, see
-components.register.registry) with lineage tags, gets the ``candidate`` alias, and with ``--promote`` (or
-params gate.promote) the ``champion`` alias too, only after its artefacts have been verified.
-
-``check_gate`` is a pure function of metric values, so the gate itself is tested with explicit
-numbers; the CLI only gathers those numbers.
+The gate (components.evaluate.gate) checks the candidate's evaluation (metrics.json + report.json written by
+``dynamicid evaluate``) against params ``gate``: the learning checks recorded in the checkpoint (on these very
+weights), absolute minimums / maximums, intervals over people that must lie above a bound, and allowed regression
+against one fixed reference record (``gate.reference``; never the previous champion, so losses cannot add up).
+A candidate that fails is not registered: the command names each failed criterion with its value, interval and
+threshold and exits 1 (0 with ``--decision-file``, which then carries the decision). A candidate that passes
+becomes a new version of the registered model (pyfunc, see components.register.publish) with lineage tags, gets
+the ``candidate`` alias, and with ``--promote`` (or params gate.promote) the ``champion`` alias too, only after its
+artefacts have been verified. ``--save-reference`` writes the evaluation as a reference record to pin.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from components.evaluate.gate import _why, check_gate, format_table
+from components.evaluate.gate import check_gate, format_table, why
 
 if TYPE_CHECKING:
     from components.core.config import Params
@@ -36,11 +35,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "register",
         help="gate an evaluated checkpoint and register it in the MLflow model registry",
-        description="Check the candidate's evaluation against params gate (absolute minimums / maximums and "
-        "allowed regression vs the champion alias, on the same evaluation set). Pass: register a new version "
-        "(pyfunc model with the checkpoint, lineage tags), verify it, set the candidate alias, and with "
-        "--promote the champion alias. Fail: nothing is registered; the table says which check failed by how "
-        "much; exit status 1.",
+        description="Check the candidate's evaluation against params gate: the checkpoint's learning checks, "
+        "absolute minimums / maximums, 95% intervals over people that must lie above a bound (e.g. the identity "
+        "lift above 0) and allowed regression vs the fixed reference record gate.reference. Pass: register a new "
+        "version (pyfunc model with the checkpoint, lineage tags), verify it, set the candidate alias, and with "
+        "--promote the champion alias. Fail: nothing is registered; each failed criterion is named with its "
+        "value, interval and threshold; exit status 1.",
     )
     p.add_argument("--metrics", default=None,
                    help="metrics.json of the evaluation; report.json must be next to it "
@@ -51,7 +51,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--check-only", action="store_true", help="run the gate, register nothing")
     p.add_argument("--decision-file", default=None,
                    help="write true/false here; a failed gate then exits 0 (the file carries the decision)")
-    p.add_argument("--version-file", default=None, help="write the registered version number here")
+    p.add_argument("--version-file", default=None,
+                   help="write the registered version number here ('none' when nothing was registered)")
+    p.add_argument("--save-reference", default=None, metavar="PATH",
+                   help="also write this evaluation as a reference record (JSON) to pin with gate.reference; "
+                   "written whatever the gate decides, since a team may pin a known-weak baseline on purpose")
     p.set_defaults(func=run_register)
 
 
@@ -74,21 +78,30 @@ def load_evaluation(metrics_path: Path) -> tuple[dict[str, float], dict[str, Any
     return metrics, report
 
 
-def champion_metrics(mv, report: dict[str, Any]) -> dict[str, float]:
-    """The champion's metrics on the candidate's evaluation set (see docs/evaluation.md, the gate)."""
-    from components.core import registry
+def load_reference(params: "Params") -> dict[str, Any] | None:
+    """The fixed reference record named by gate.reference (local path or s3:// URI), or None when unset."""
     from components.core.errors import UserError
+    from components.core.storage import StorageError, resolve_local
 
-    measured = report.get("champion") or {}
-    if str(measured.get("version")) == str(mv.version) and measured.get("eval_set_hash") == report["eval_set_hash"]:
-        return {k: v for k, v in (measured.get("metrics") or {}).items() if v is not None}
-    if mv.tags.get("eval_set_hash") == report["eval_set_hash"]:
-        return registry.version_metrics(mv)
-    raise UserError(
-        f"the champion (v{mv.version}) was measured on evaluation set {str(mv.tags.get('eval_set_hash'))[:12]}, "
-        f"the candidate on {report['eval_set_hash'][:12]}; rerun `dynamicid evaluate` (with "
-        f"evaluate.compare_champion: true) so both are measured on the same set"
-    )
+    uri = params.gate.reference
+    if not uri:
+        return None
+    try:
+        record = json.loads(Path(resolve_local(uri, params.storage.cache_dir, params.storage)).read_text())
+    except (OSError, StorageError, json.JSONDecodeError) as err:
+        raise UserError(f"gate.reference {uri}: {err}") from None
+    if not isinstance(record, dict) or not isinstance(record.get("metrics"), dict) or "eval_set_hash" not in record:
+        raise UserError(f"gate.reference {uri}: not a reference record (needs eval_set_hash and metrics; write one "
+                        f"with `dynamicid register --save-reference PATH`)")
+    record.setdefault("name", uri)
+    return record
+
+
+def reference_record(metrics: dict[str, float], report: dict[str, Any]) -> dict[str, Any]:
+    """An evaluation as a reference record: what regression is measured against until a person re-pins it."""
+    return {"eval_set_hash": report["eval_set_hash"], "checkpoint_digest": report["checkpoint_digest"],
+            "checkpoint": report.get("checkpoint"), "git_commit": report.get("git_commit"),
+            "created": report.get("created"), "metrics": metrics}
 
 
 def _train_tags(ckpt: Path) -> dict[str, str]:
@@ -117,13 +130,16 @@ def run_register(args: argparse.Namespace, params: "Params") -> int:
     gate = params.gate
     metrics_path = Path(args.metrics or Path(params.evaluate.output) / "metrics.json")
     metrics, report = load_evaluation(metrics_path)
+    if args.save_reference:
+        _write(args.save_reference, json.dumps(reference_record(metrics, report), indent=2, sort_keys=True) + "\n")
+        print(f"wrote the reference record {args.save_reference} (pin it with gate.reference)")
+    reference = load_reference(params)
     out_dir = Path(gate.output)
     mlflow = setup_mlflow(params)
     c = registry.client()
     name = params.mlflow.registered_model
-    champion = registry.alias_version(c, name, gate.champion_alias)
-    champ_metrics = champion_metrics(champion, report) if champion is not None else None
-    result = check_gate(metrics, gate, champ_metrics, champion.version if champion is not None else None)
+    result = check_gate(metrics, gate, learning_checks=report.get("learning_checks"), reference=reference,
+                        eval_set_hash=report["eval_set_hash"])
     table = format_table(result)
     record: dict[str, Any] = {"model": name, "eval_set_hash": report["eval_set_hash"],
                               "checkpoint_digest": report["checkpoint_digest"], "gate": result.to_json()}
@@ -131,14 +147,18 @@ def run_register(args: argparse.Namespace, params: "Params") -> int:
     if not result.passed:
         print(table, file=sys.stderr)
         n = len(result.failures)
-        print(f"dynamicid register: gate failed ({n} of {len(result.checks)} checks): "
-              f"{', '.join(_why(f) for f in result.failures)}; nothing registered", file=sys.stderr)
+        print(f"dynamicid register: gate failed ({n} of {len(result.checks)} criteria), nothing registered:",
+              file=sys.stderr)
+        for f in result.failures:
+            print(f"  - {why(f)}", file=sys.stderr)
         _write(out_dir / "registration.json", json.dumps({**record, "registered": False}, indent=2) + "\n")
+        _write(args.version_file, "none")
         return 0 if args.decision_file else 1
     print(table)
     if args.check_only:
         print("gate passed (--check-only: nothing registered)")
         _write(out_dir / "registration.json", json.dumps({**record, "registered": False}, indent=2) + "\n")
+        _write(args.version_file, "none")
         return 0
 
     promote = bool(args.promote or gate.promote)
@@ -160,7 +180,7 @@ def run_register(args: argparse.Namespace, params: "Params") -> int:
             **{k: str(report.get(k, "unknown")) for k in ("git_commit", "params_hash", "data_version",
                                                           "eval_set_hash", "profile", "face_backend")},
             "evaluation_run_id": str(eval_run or ""), "gate": "passed",
-            "champion_at_registration": str(champion.version) if champion is not None else "none",
+            "gate_reference": str(reference.get("checkpoint_digest", reference["name"])) if reference else "none",
             **registry.metric_tags(metrics), **_train_tags(ckpt),
         }
         with mlflow.start_run(run_id=run_id, run_name=None if run_id else "register"):

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 # Evaluation metrics shown first (docs/evaluation.md); the gate's own metrics are added to them.
-HEADLINE = ("single.id_similarity", "single.id_lift", "single.detection_failure_rate", "single.region_similarity",
-            "single.clip_t", "multi2.id_similarity", "multi2.confusion_rate", "edit.pose_error",
-            "edit.expression_agreement")
+HEADLINE = ("single.people", "single.detection_rate", "single.id_similarity", "single.id_lift",
+            "single.identification_rate", "single.identification_chance", "single.clip_t", "multi2.id_similarity",
+            "multi2.confusion_rate", "multi2.missing_rate", "edit.pose_error_gain", "edit.expression_agreement_gain")
 SAMPLE_PHOTO = "Tom_Hanks_54745.png"  # a real face photo shipped in the insightface wheel
-# components/train/checks.py decides (gain > 2 standard errors); older outputs carry no verdict
+# components/train/checks.py decides (the interval over held-out people lies above 0); older outputs carry none
 VERDICT = {True: "PASS", False: "FAIL", None: "no verdict recorded"}
 CHECK_PREFIX = {"anchor": "id", "reconfigure": "imr"}  # metric prefixes of components/train/checks.py
 
@@ -52,8 +52,8 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 def _check(metrics: dict[str, Any], prefix: str) -> dict[str, Any] | None:
     if f"{prefix}_gain" not in metrics:
         return None
-    return {"gain": metrics[f"{prefix}_gain"], "stderr": metrics.get(f"{prefix}_gain_stderr", 0.0),
-            "win_rate": metrics.get(f"{prefix}_win_rate"),
+    return {"gain": metrics[f"{prefix}_gain"], "low": metrics.get(f"{prefix}_gain_low"),
+            "high": metrics.get(f"{prefix}_gain_high"), "people": metrics.get(f"{prefix}_gain_people"),
             "passed": None if f"{prefix}_passed" not in metrics else bool(metrics[f"{prefix}_passed"])}
 
 
@@ -82,22 +82,26 @@ def collect(params) -> dict[str, Any]:
     evaluation = None
     if nested is not None:
         flat = flatten_metrics(nested)
-        keys = list(HEADLINE) + [k for k in (*params.gate.minimums, *params.gate.maximums,
+        keys = list(HEADLINE) + [k for k in (*params.gate.minimums, *params.gate.maximums, *params.gate.interval_above,
                                              *params.gate.max_regression) if k not in HEADLINE]
         not_measured = set(report.get("not_measured", []))
         evaluation = {
             "metrics": {k: flat.get(k) for k in keys if k in flat or k in not_measured},
+            "intervals": {k: [flat[f"{k}_low"], flat[f"{k}_high"]] for k in keys
+                          if f"{k}_low" in flat and f"{k}_high" in flat},
             "grids": [str(ev_dir / g) for g in report.get("grids", [])],
             "profile": report.get("profile"),
         }
 
-    version_file = Path(params.gate.output) / "version.txt"
-    registered = None
-    if version_file.exists():
-        aliases = [params.gate.candidate_alias] + ([params.gate.champion_alias] if params.gate.promote else [])
-        registered = {"name": params.mlflow.registered_model, "version": version_file.read_text().strip(),
-                      "aliases": aliases}
-    return {"stages": stages, "evaluation": evaluation, "registered": registered}
+    registration = _read_json(Path(params.gate.output) / "registration.json")
+    registered = gate = None
+    if registration is not None:
+        gate = registration.get("gate")
+        if registration.get("registered"):
+            registered = {"name": registration.get("model", params.mlflow.registered_model),
+                          "version": str(registration.get("version")),
+                          "aliases": registration.get("aliases") or [params.gate.candidate_alias]}
+    return {"stages": stages, "evaluation": evaluation, "gate": gate, "registered": registered}
 
 
 def _photo() -> str:
@@ -124,26 +128,37 @@ def format_text(s: dict[str, Any], params) -> str:
                      f"export {st['export']}")
         c = st.get("check")
         if c is not None:
-            what = "ID tokens lower the held-out loss" if name == "anchor" else "IMR moves tokens toward the target motion"
-            se = c["gain"] / c["stderr"] if c["stderr"] else float("inf")
-            win = f", better on {c['win_rate']:.0%} of held-out images" if c.get("win_rate") is not None else ""
-            lines.append(f"  {'':<12} learning check ({what}): gain {c['gain']:.3g} = {se:.1f} standard errors"
-                         f"{win}: {VERDICT[c['passed']]}")
+            what = ("own ID tokens beat another person's on unseen people" if name == "anchor"
+                    else "IMR beats a shuffled target motion and stays put when asked")
+            iv = f" [{c['low']:.3g}, {c['high']:.3g}]" if c.get("low") is not None else ""
+            who = f" over {int(c['people'])} held-out people" if c.get("people") else ""
+            lines.append(f"  {'':<12} learning check ({what}): gain {c['gain']:.3g}{iv}{who}: "
+                         f"{VERDICT[c['passed']]}")
     ev = s["evaluation"]
     lines += ["", "evaluation" + (f" ({params.evaluate.output}/metrics.json)" if ev else "")]
     if ev is None:
         lines.append("  not run")
     else:
         for k, v in ev["metrics"].items():
-            lines.append(f"  {k:<34} {_num(v)}")
+            iv = ev.get("intervals", {}).get(k)
+            lines.append(f"  {k:<34} {_num(v)}" + (f"  95% interval [{iv[0]:.4f}, {iv[1]:.4f}]" if iv else ""))
         if ev.get("profile") == "tiny":
-            lines.append("  (tiny profile: the values check the plumbing, not the method; docs/evaluation.md)")
+            lines.append("  (tiny profile: 64 px test-bed images read back by dlib; CLIP-T comes from a random CLIP "
+                         "and means nothing; docs/evaluation.md)")
         if ev["grids"]:
             lines.append(f"  image grids: {', '.join(ev['grids'])}")
-    reg = s["registered"]
+    reg, gate = s["registered"], s.get("gate")
     lines += ["", "registry"]
     if reg is None:
-        lines.append("  nothing registered (run `dynamicid register`)")
+        if gate is not None and not gate.get("passed"):
+            from components.evaluate.gate import Check, why
+
+            failed = [Check(**c) for c in gate.get("checks", []) if not c.get("passed")]
+            lines.append(f"  nothing registered: the gate rejected the model ({len(failed)} criteria failed; "
+                         f"{params.gate.output}/registration.json):")
+            lines += [f"    - {why(c)}" for c in failed]
+        else:
+            lines.append("  nothing registered (run `dynamicid register`)")
         return "\n".join(lines) + "\n"
     aliases = ", ".join(f"@{a}" for a in reg["aliases"])
     uri = f"models:/{reg['name']}@{reg['aliases'][-1]}"

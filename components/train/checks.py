@@ -184,3 +184,22 @@ def imr_check(task: "ReconfigureTask", data: "PreparedData", *, limit: int, batc
     return {"heldout_dist_pred": float(p.mean()), "heldout_dist_shuffled": float(s.mean()),
             "heldout_dist_source": float(d.mean()), "heldout_dist_same_motion": float(m.mean()),
             **motion, **stay, "imr_passed": float(motion["imr_gain_passed"] and stay["imr_stay_ratio_passed"])}
+
+
+# The parts whose weights decide each check's outcome (what its record is bound to).
+CHECK_PARTS = {"anchor": ("saa", "face_encoder"), "reconfigure": ("saa", "face_encoder", "imr", "keypoint_encoder")}
+CHECK_PREFIX = {"anchor": "id", "reconfigure": "imr"}
+
+
+def check_record(stage: str, found: dict[str, float], parts: dict[str, dict[str, torch.Tensor]]) -> dict:
+    """The learning-check record a checkpoint carries: the verdict, its numbers, and the digest of the weights
+    it was measured on (model.checkpoint.parts_digest), so that the gate refuses a record that belongs to other
+    weights."""
+    from model.checkpoint import parts_digest
+
+    names = CHECK_PARTS[stage]
+    record: dict = {"passed": bool(found.get(f"{CHECK_PREFIX[stage]}_passed", 0.0)), "metrics": dict(found),
+                    "parts": list(names), "weights": parts_digest(parts, names)}
+    if not found:
+        record["reason"] = "no held-out people with two or more images"
+    return record

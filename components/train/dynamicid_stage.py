@@ -95,7 +95,14 @@ def _with_encoders(bb, device: torch.device, fn: Callable[[], Any]) -> Callable[
 
 
 def run_dynamicid_stage(run: StageRun) -> dict[str, float]:
-    from components.train.checks import heldout_people, id_token_check, imr_check, motion_pairs
+    from components.train.checks import (
+        CHECK_PARTS,
+        check_record,
+        heldout_people,
+        id_token_check,
+        imr_check,
+        motion_pairs,
+    )
     from components.train.data import AnchorSamples, MotionPairs
     from components.train.loop import FitSpec, fit
     from components.train.samples import anchor_grid, reconfigure_grid
@@ -218,13 +225,11 @@ def run_dynamicid_stage(run: StageRun) -> dict[str, float]:
                     check = lambda: id_token_check(task, data, limit=n_check, resolution=res,  # noqa: E731
                                                    repeats=train.check_repeats, seed=train.seed)
                     found = _with_encoders(bb, dist.device, check)() if cached else check()
-                    prefix = "id"
                 else:
-                    found, prefix = imr_check(task, data, limit=n_check), "imr"
+                    found = imr_check(task, data, limit=n_check)
                 metrics.update(found)
-                learning_checks[run.stage] = {"passed": bool(found.get(f"{prefix}_passed", 0.0)),
-                                              "metrics": found} if found else {"passed": False, "metrics": {},
-                                              "reason": "no held-out people with two or more images"}
+                parts = fp32_parts(dyn.state_parts(bb.unet, CHECK_PARTS[run.stage]))
+                learning_checks[run.stage] = check_record(run.stage, found, parts)
             export(final)
             _finish(run, tracker, metrics, final)
         dist.barrier()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from model.config import StrictModel
 
@@ -19,7 +19,8 @@ class EvaluateParams(StrictModel):
     output: str = "runs/evaluate"
     split: Literal["test", "val"] = Field("test", description="prepared split the references come from "
                                           "(identities never seen in training)")
-    num_identities: int = Field(3, ge=1, description="test-split identities in the evaluation set")
+    num_identities: int = Field(0, ge=0, description="held-out identities in the evaluation set (0 = every "
+                                "one with a usable reference); the intervals are over these people")
     reference_image: Literal["face_crop", "pixels"] = Field(
         "face_crop", description="which stored image of a prepared sample is the reference photo")
     prompts: list[str] = Field(["a photo of a person", "a portrait of a person outdoors"], min_length=1,
@@ -41,8 +42,6 @@ class EvaluateParams(StrictModel):
                                    "tiny CLIP (tiny profile only; a plumbing check, not a score)")
     batch_size: int = Field(4, ge=1, description="images per pipeline call")
     grid_rows: int = Field(8, ge=1, description="rows per grid page")
-    compare_champion: bool = Field(True, description="also measure the registry's champion on this set when its "
-                                   "recorded metrics come from a different evaluation set")
 
     @field_validator("multi_id")
     @classmethod
@@ -74,14 +73,27 @@ def _check_names(v: dict[str, float], direction: str | None) -> dict[str, float]
 
 
 class GateParams(StrictModel):
-    """Thresholds a candidate must meet before it is registered (checks: docs/evaluation.md)."""
+    """What a candidate must show before it is registered (every check: docs/evaluation.md, the gate).
 
+    A point value on its own can pass by luck on a few people, so effects that must exist (the identity lift,
+    an edit moving the face) are gated on their 95 % interval over people: ``interval_above`` needs the whole
+    interval strictly above the bound. Regression is measured against one fixed reference record, never
+    against the previous champion, so small allowed losses cannot add up over successive promotions.
+    """
+
+    learning_checks: bool = Field(True, description="require the learning checks recorded in the checkpoint "
+                                  "(stage 1 identity, stage 2 motion) to have passed on these very weights")
     minimums: dict[str, float] = Field(default_factory=dict,
-                                       description="higher-is-better metric -> absolute minimum")
+                                       description="higher-is-better metric -> absolute minimum of its value")
     maximums: dict[str, float] = Field(default_factory=dict,
-                                       description="lower-is-better metric -> absolute maximum")
+                                       description="lower-is-better metric -> absolute maximum of its value")
+    interval_above: dict[str, float] = Field(
+        default_factory=dict, description="metric -> bound its 95 % interval over people must lie strictly above")
+    reference: str | None = Field(None, description="fixed reference record (JSON written by `dynamicid register "
+                                  "--save-reference`, local path or s3:// URI) that max_regression compares with; "
+                                  "null = no regression checks")
     max_regression: dict[str, float] = Field(
-        default_factory=dict, description="metric -> allowed worsening vs the champion, in the metric's units")
+        default_factory=dict, description="metric -> allowed worsening vs the reference record, in the metric's units")
     promote: bool = Field(False, description="move the champion alias to a passing candidate (as --promote)")
     output: str = Field("runs/register", description="where registration.json is written")
     candidate_alias: str = "candidate"
@@ -98,6 +110,11 @@ class GateParams(StrictModel):
     def _maxs(cls, v: dict[str, float]) -> dict[str, float]:
         return _wrap(_check_names, v, "lower")
 
+    @field_validator("interval_above")
+    @classmethod
+    def _above(cls, v: dict[str, float]) -> dict[str, float]:
+        return _wrap(_check_names, v, "higher")
+
     @field_validator("max_regression")
     @classmethod
     def _regs(cls, v: dict[str, float]) -> dict[str, float]:
@@ -105,6 +122,13 @@ class GateParams(StrictModel):
         if bad:
             raise ValueError(f"allowed regressions must be >= 0, got {bad}")
         return _wrap(_check_names, v, None)
+
+    @model_validator(mode="after")
+    def _reference_needed(self) -> "GateParams":
+        if self.max_regression and not self.reference:
+            raise ValueError("max_regression needs gate.reference (the fixed record to compare with); "
+                             "write one with `dynamicid register --save-reference PATH`")
+        return self
 
 
 def _wrap(fn, v, direction):
