@@ -11,6 +11,10 @@ coordinate is a pixel *centre*, so a frame of width W spans x in [-0.5, W - 0.5)
 pixel. A point is kept when 0 <= x < W and 0 <= y < H (the pixel grid of the frame);
 anything else, NaN included, is dropped: a landmark the detector put outside the crop says
 nothing about where the face is.
+
+Frame: every landmark image is drawn in the face's CLIP face-crop frame (``face_landmark_image``),
+whether it comes from ``dynamicid prepare``, a reference photo or an edit target
+(model.motion_targets).
 """
 
 from __future__ import annotations
@@ -73,3 +77,25 @@ def landmarks_to_tensor(
 
     images = np.stack([render_landmarks(p, frame_hw, size=size, radius=radius) for p in points])  # [B, 1, S, S]
     return torch.from_numpy(images).to(device=device, dtype=dtype or torch.float32)
+
+
+def crop_landmark_image(landmarks: np.ndarray, crop_box: Sequence[int], size: int = 96) -> np.ndarray:
+    """Landmarks [P, 2] (x, y, pixels of a photo) drawn in the frame of ``crop_box`` = (left, top,
+    right, bottom) of that photo -> [1, size, size] float32.
+
+    Points are shifted in float32, as ``dynamicid prepare`` always stored them: the same input
+    then gives bit-identical images at training and at inference.
+    """
+    left, top, right, bottom = (int(v) for v in crop_box)
+    pts = np.asarray(landmarks, dtype=np.float32) - np.array([left, top], dtype=np.float32)  # [P, 2] crop pixels
+    return render_landmarks(pts, (bottom - top, right - left), size=size)
+
+
+def face_landmark_image(landmarks: np.ndarray, face_bbox: np.ndarray, image_hw: tuple[int, int],
+                        size: int = 96) -> np.ndarray:
+    """A face's landmarks drawn in its CLIP face-crop frame (``face_crop_box`` of its detector box):
+    the one frame every landmark image the keypoint encoder sees is drawn in (training samples,
+    the reference photo's source image, and edit targets), so images differ only by motion."""
+    from model.face_analysis.face import face_crop_box
+
+    return crop_landmark_image(landmarks, face_crop_box(face_bbox, image_hw), size=size)

@@ -1,5 +1,9 @@
 """DynamicIDPipeline: prompt + 1..N identities (+ optional layout and per-person motion) -> images.
 
+A person's target motion is a face prompt (``expression``) and/or a landmark target: a
+``driving_image`` (anyone's photo) or ``landmarks`` (coordinates in the reference photo), both
+rendered internally as the landmark image the IMR was trained on (model.motion_targets).
+
 Reads top to bottom like a diffusers pipeline:
   1. validate the request (sizes, identity count, boxes) before any model work;
   2. analyse every reference face once (detect, embed, landmarks, pose);
@@ -26,6 +30,7 @@ from model.backbone import Backbone
 from model.config import FaceParams, ModelParams
 from model.dynamicid import DynamicID, clip_image_features, text_embeddings
 from model.face_analysis.face import face_crop_box  # noqa: F401  (re-exported: inference crop box)
+from model.motion_targets import check_landmarks, landmark_target, rendered_landmark_image
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +42,13 @@ class GenerationError(ValueError):
 @dataclass
 class IdentityInput:
     """One person. Give a reference ``image`` (RGB array or PIL), or precomputed ``embedding`` +
-    ``clip_features``. Everything else is optional."""
+    ``clip_features``. Everything else is optional.
+
+    Target motion (an edit): ``expression`` (text) and/or at most one landmark target,
+    ``driving_image`` (a photo of anyone: its face's pose and expression) or ``landmarks``
+    ([L, 2] x, y in pixels of ``image``, the face analyzer's layout: 68 dlib / 106 insightface
+    points). ``landmarks_image`` is the advanced form both become: an already rendered target in
+    the model's frame (training samples pass theirs)."""
 
     image: np.ndarray | Image.Image | None = None
     aligned: bool = False                       # image is already an aligned face crop: skip detection
@@ -45,7 +56,9 @@ class IdentityInput:
     clip_features: torch.Tensor | None = None               # [L, clip_dim]
     bbox: Sequence[float] | None = None         # (y0, x0, y1, x1) in [0, 1]
     expression: str | None = None               # target face prompt, e.g. "smiling" or "the face is turned left"
-    landmarks_image: np.ndarray | Image.Image | None = None  # target landmark image (dots on black)
+    driving_image: np.ndarray | Image.Image | None = None   # target pose/expression: a photo of anyone
+    landmarks: np.ndarray | Sequence[Sequence[float]] | None = None  # target [L, 2] x, y, pixels of `image`
+    landmarks_image: np.ndarray | Image.Image | None = None  # advanced: rendered target (dots on black)
     source_prompt: str | None = None            # override the estimated source face prompt
     source_landmarks: np.ndarray | None = None  # [S, S] source landmark image for precomputed inputs
 
@@ -67,10 +80,13 @@ class DynamicIDOutput:
 
 @dataclass
 class EncodedIdentities:
-    """Tokens for one request: cond [N, K, D], uncond [N, K, D], and metadata."""
+    """Tokens for one request: cond [N, K, D], and metadata. The landmark images [1, S, S] the IMR
+    compared, per identity (target None: not edited), show what a motion target was rendered to."""
 
     tokens: torch.Tensor
     results: list[IdentityResult]
+    source_landmarks: list[torch.Tensor] = field(default_factory=list)
+    target_landmarks: list[torch.Tensor | None] = field(default_factory=list)
 
 
 def _to_rgb_array(img: np.ndarray | Image.Image, who: str) -> np.ndarray:
@@ -145,6 +161,14 @@ class DynamicIDPipeline(DiffusionPipeline):
             who = f"identity {i}"
             if ident.image is None and (ident.embedding is None or ident.clip_features is None):
                 raise GenerationError(f"{who}: give a reference image, or both embedding and clip_features")
+            given = [k for k in ("driving_image", "landmarks", "landmarks_image") if getattr(ident, k) is not None]
+            if len(given) > 1:
+                raise GenerationError(f"{who}: give at most one landmark target, got {' and '.join(given)}")
+            if ident.landmarks is not None:
+                try:
+                    check_landmarks(ident.landmarks, self.analyzer().landmark_count, who)
+                except ValueError as err:
+                    raise GenerationError(str(err)) from None
             if ident.bbox is not None:
                 b = [float(v) for v in ident.bbox]
                 if len(b) != 4 or not all(0.0 <= v <= 1.0 for v in b) or b[0] >= b[2] or b[1] >= b[3]:
@@ -163,9 +187,10 @@ class DynamicIDPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------ identity encoding
     def _analyse(self, ident: IdentityInput, who: str) -> dict[str, Any]:
-        """Reference image -> embedding, face crop [3, S, S] in [0, 1], landmark image, face prompt."""
+        """Reference image -> embedding, face crop [3, S, S] in [0, 1], landmark image, face prompt,
+        and the face's frame (box, image size) that landmark coordinates are drawn in."""
         from model.face_analysis.face import FaceAnalysisError, pick_face
-        from model.landmarks import render_landmarks
+        from model.landmarks import crop_landmark_image
         from model.motion import estimate_expression, face_prompt
 
         image = _to_rgb_array(ident.image, who)
@@ -181,23 +206,26 @@ class DynamicIDPipeline(DiffusionPipeline):
         left, top, right, bottom = face_crop_box(face.bbox, image.shape[:2])
         crop = Image.fromarray(image[top:bottom, left:right]).resize((self.backbone.image_size,) * 2, Image.BICUBIC)
         crop_t = torch.from_numpy(np.array(crop)).permute(2, 0, 1).float() / 255.0
-        pts = np.asarray(face.landmarks, dtype=np.float32) - np.array([left, top], dtype=np.float32)
-        size = self.dims.imr["landmark_size"]
-        lmk = render_landmarks(pts, (bottom - top, right - left), size=size)
+        lmk = crop_landmark_image(face.landmarks, (left, top, right, bottom), size=self.dims.imr["landmark_size"])
         yaw, pitch, _ = face.pose
         prompt = ident.source_prompt or face_prompt(estimate_expression(face.landmarks), yaw, pitch)
         return {"embedding": np.asarray(face.embedding, dtype=np.float32), "crop": crop_t,
-                "landmarks": torch.from_numpy(np.asarray(lmk, dtype=np.float32)), "prompt": prompt}
+                "landmarks": torch.from_numpy(lmk), "prompt": prompt, "frame": (face.bbox, image.shape[:2])}
 
-    def _landmark_image(self, img: np.ndarray | Image.Image, who: str) -> torch.Tensor:
+    def _target(self, ident: IdentityInput, frame: tuple[np.ndarray, tuple[int, int]] | None,
+                who: str) -> torch.Tensor | None:
+        """The identity's target landmark image [1, S, S], or None without a landmark target;
+        ``frame`` = the reference face's (box, image size) that ``landmarks`` coordinates refer to."""
         size = self.dims.imr["landmark_size"]
-        if not isinstance(img, Image.Image):
-            arr = np.asarray(img)
-            if arr.dtype != np.uint8:
-                arr = (np.clip(arr.astype(np.float32).squeeze(), 0, 1) * 255).astype(np.uint8)
-            img = Image.fromarray(arr.squeeze())
-        g = np.asarray(img.convert("L").resize((size, size), Image.BILINEAR), dtype=np.float32) / 255.0
-        return torch.from_numpy(g)[None]
+        if ident.landmarks_image is not None:
+            return torch.from_numpy(rendered_landmark_image(ident.landmarks_image, size))
+        drive = None if ident.driving_image is None else _to_rgb_array(ident.driving_image, f"{who}: driving_image")
+        try:
+            lmk = landmark_target(self.analyzer(), who, size, driving_image=drive, landmarks=ident.landmarks,
+                                  frame=frame, min_face_size=self.face_params.min_face_size)
+        except ValueError as err:
+            raise GenerationError(str(err)) from None
+        return None if lmk is None else torch.from_numpy(lmk)
 
     @torch.no_grad()
     def uncond_tokens(self) -> torch.Tensor:
@@ -217,11 +245,13 @@ class DynamicIDPipeline(DiffusionPipeline):
         fe = self.dynamicid.face_encoder
         dtype, device = param_dtype(fe), self.device
         embeds, feats, src_lmk, src_prompt, results = [], [], [], [], []
-        crops, crop_index = [], []
+        crops, crop_index, targets = [], [], []
         for i, ident in enumerate(identities):
             who = f"identity {i}"
+            frame = None
             if ident.image is not None:
                 a = self._analyse(ident, who)
+                frame = a["frame"]
                 embeds.append(torch.as_tensor(a["embedding"]))
                 crops.append(a["crop"])
                 crop_index.append(i)
@@ -235,9 +265,10 @@ class DynamicIDPipeline(DiffusionPipeline):
                 embeds.append(e)
                 feats.append(torch.as_tensor(ident.clip_features))
                 size = self.dims.imr["landmark_size"]
-                src_lmk.append(self._landmark_image(ident.source_landmarks, who) if ident.source_landmarks is not None
-                               else torch.zeros(1, size, size))
+                src_lmk.append(torch.from_numpy(rendered_landmark_image(ident.source_landmarks, size))
+                               if ident.source_landmarks is not None else torch.zeros(1, size, size))
                 src_prompt.append(ident.source_prompt or "the expression is neutral, the face is frontal")
+            targets.append(self._target(ident, frame, who))  # before the encoders: a bad target fails cheaply
         if crops:
             cf = clip_image_features(self.backbone, torch.stack(crops).to(device))
             for j, i in enumerate(crop_index):
@@ -246,15 +277,13 @@ class DynamicIDPipeline(DiffusionPipeline):
         clip = torch.stack([f.to(device) for f in feats]).to(dtype)
         tokens = fe(emb, clip)                                            # [N, K, D]
 
-        edit_idx = [i for i, ident in enumerate(identities)
-                    if ident.expression is not None or ident.landmarks_image is not None]
+        edit_idx = [i for i, ident in enumerate(identities) if ident.expression is not None or targets[i] is not None]
+        tgt_lmk: list[torch.Tensor | None] = [
+            (src_lmk[i] if targets[i] is None else targets[i]) if i in edit_idx else None for i in range(n)]
         tgt_prompts: dict[int, str] = {}
         if edit_idx:
             src_imgs = torch.stack([src_lmk[i] for i in edit_idx]).to(device, dtype)
-            tgt_imgs = torch.stack([
-                self._landmark_image(identities[i].landmarks_image, f"identity {i}")
-                if identities[i].landmarks_image is not None else src_lmk[i] for i in edit_idx
-            ]).to(device, dtype)
+            tgt_imgs = torch.stack([tgt_lmk[i] for i in edit_idx]).to(device, dtype)
             for i in edit_idx:
                 e = identities[i].expression
                 tgt_prompts[i] = normalize_face_prompt(e) if e else src_prompt[i]
@@ -269,7 +298,7 @@ class DynamicIDPipeline(DiffusionPipeline):
         for i in range(n):
             results.append(IdentityResult(region=[round(float(v), 6) for v in regions[i]], edited=i in tgt_prompts,
                                           source_prompt=src_prompt[i], target_prompt=tgt_prompts.get(i)))
-        return EncodedIdentities(tokens=tokens, results=results)
+        return EncodedIdentities(tokens=tokens, results=results, source_landmarks=src_lmk, target_landmarks=tgt_lmk)
 
     # ------------------------------------------------------------------ generation
     def denoise_step(self, latents: torch.Tensor, t: torch.Tensor, states: torch.Tensor, ctx) -> torch.Tensor:

@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 
-from components.generate.args import nth_value, parse_bbox
+from components.generate.args import load_landmarks, nth_value, parse_bbox
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,8 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "infer",
         help="call a running model server and write the generated image",
         description="Send --prompt and one --id-image per person to a model server started with `dynamicid serve` "
-        "and write the returned PNG (+ .json metadata). The i-th --bbox, --expression and --landmarks-image "
-        "belong to the i-th --id-image ('-' skips one). Waits up to --wait seconds for the model to be ready.",
+        "and write the returned PNG (+ .json metadata). The i-th --bbox, --expression, --driving-image and "
+        "--landmarks belong to the i-th --id-image ('-' skips one). Waits up to --wait seconds for the model to be "
+        "ready.",
     )
     i.add_argument("--url", default=None, help="server base URL (default: http://serve.host:serve.http_port)")
     i.add_argument("--model-name", default=None, help="default: serve.model_name")
@@ -41,7 +42,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--id-image", action="append", required=True, help="reference photo of one person (repeatable)")
     i.add_argument("--bbox", action="append", default=[], help="y0,x0,y1,x1 in [0,1] for the i-th person, or -")
     i.add_argument("--expression", action="append", default=[], help="target expression/pose for the i-th person, or -")
-    i.add_argument("--landmarks-image", action="append", default=[], help="target landmark image for the i-th person, or -")
+    i.add_argument("--driving-image", action="append", default=[],
+                   help="photo whose face's pose and expression the i-th person takes (anyone's), or -")
+    i.add_argument("--landmarks", action="append", default=[],
+                   help="JSON file: target landmarks of the i-th person, [[x, y], ...] in pixels of its --id-image "
+                   "(the face analyzer's layout: 68 dlib / 106 insightface points), or -")
     i.add_argument("--steps", type=int, default=None, help="default: the server's serve.default_steps")
     i.add_argument("--guidance", type=float, default=None)
     i.add_argument("--id-scale", type=float, default=None)
@@ -94,7 +99,7 @@ def run_infer(args: argparse.Namespace, params) -> int:
     if not args.verbose:
         logging.getLogger("httpx").setLevel(logging.WARNING)
     n = len(args.id_image)
-    for name in ("bbox", "expression", "landmarks_image"):
+    for name in ("bbox", "expression", "driving_image", "landmarks"):
         if len(getattr(args, name)) > n:
             raise UserError(f"more --{name.replace('_', '-')} values than --id-image values")
     s = params.serve
@@ -102,9 +107,11 @@ def run_infer(args: argparse.Namespace, params) -> int:
     model = args.model_name or s.model_name
     try:
         bboxes = [parse_bbox(b) if (b := nth_value(args.bbox, k)) else None for k in range(n)]
+        landmarks = [load_landmarks(f) if (f := nth_value(args.landmarks, k)) else None for k in range(n)]
         instance = build_instance(
             args.prompt, args.id_image, bboxes=bboxes, expressions=[nth_value(args.expression, k) for k in range(n)],
-            landmarks_images=[nth_value(args.landmarks_image, k) for k in range(n)], negative_prompt=args.negative_prompt,
+            driving_images=[nth_value(args.driving_image, k) for k in range(n)], landmarks=landmarks,
+            negative_prompt=args.negative_prompt,
             seed=args.seed, num_inference_steps=args.steps, guidance_scale=args.guidance, id_scale=args.id_scale,
             height=args.height, width=args.width,
         )

@@ -27,9 +27,10 @@ def b64_file(path: str | Path) -> str:
 
 
 def build_instance(prompt: str, id_images: list[str], bboxes: list[tuple[float, ...] | None] | None = None,
-                   expressions: list[str | None] | None = None, landmarks_images: list[str | None] | None = None,
-                   **options: Any) -> dict[str, Any]:
-    """A v1 instance from files; ``options`` with value None are left to the server's defaults."""
+                   expressions: list[str | None] | None = None, driving_images: list[str | None] | None = None,
+                   landmarks: list[list[list[float]] | None] | None = None, **options: Any) -> dict[str, Any]:
+    """A v1 instance from files (``landmarks``: already loaded [x, y] lists); ``options`` with value
+    None are left to the server's defaults."""
     identities = []
     for i, path in enumerate(id_images):
         ident: dict[str, Any] = {"image": b64_file(path)}
@@ -37,8 +38,10 @@ def build_instance(prompt: str, id_images: list[str], bboxes: list[tuple[float, 
             ident["bbox"] = list(bboxes[i])
         if expressions and i < len(expressions) and expressions[i]:
             ident["expression"] = expressions[i]
-        if landmarks_images and i < len(landmarks_images) and landmarks_images[i]:
-            ident["landmarks_image"] = b64_file(landmarks_images[i])
+        if driving_images and i < len(driving_images) and driving_images[i]:
+            ident["driving_image"] = b64_file(driving_images[i])
+        if landmarks and i < len(landmarks) and landmarks[i]:
+            ident["landmarks"] = landmarks[i]
         identities.append(ident)
     return {"prompt": prompt, "identities": identities, **{k: v for k, v in options.items() if v is not None}}
 
@@ -47,15 +50,24 @@ def v2_request(instance: dict[str, Any]) -> dict[str, Any]:
     """The same instance as an open-inference-protocol request (docs/serving.md, tensor mapping)."""
     ids = instance["identities"]
     params = {k: instance[k] for k in V2_PASSTHROUGH if k in instance}
-    params["identities"] = [{k: v for k, v in i.items() if k not in ("image", "landmarks_image")} for i in ids]
+    params["identities"] = [{k: v for k, v in i.items() if k not in ("image", "driving_image", "landmarks")}
+                            for i in ids]
     inputs = [
         {"name": "prompt", "datatype": "BYTES", "shape": [1], "data": [instance["prompt"]]},
         {"name": "id_images", "datatype": "BYTES", "shape": [len(ids)], "data": [i["image"] for i in ids]},
         {"name": "parameters", "datatype": "BYTES", "shape": [1], "data": [json.dumps(params)]},
     ]
-    if any("landmarks_image" in i for i in ids):
-        inputs.append({"name": "landmarks_images", "datatype": "BYTES", "shape": [len(ids)],
-                       "data": [i.get("landmarks_image", "") for i in ids]})
+    if any("driving_image" in i for i in ids):
+        inputs.append({"name": "driving_images", "datatype": "BYTES", "shape": [len(ids)],
+                       "data": [i.get("driving_image", "") for i in ids]})
+    sets = [i.get("landmarks") for i in ids]
+    if any(sets):
+        counts = {len(s) for s in sets if s}
+        if len(counts) != 1:
+            raise ClientError(f"every person's landmarks must have the same number of points, got {sorted(counts)}")
+        n_points = counts.pop()
+        flat = [float(v) for s in sets for pt in (s or [[0.0, 0.0]] * n_points) for v in pt]  # zeros: none
+        inputs.append({"name": "landmarks", "datatype": "FP32", "shape": [len(ids), n_points, 2], "data": flat})
     return {"inputs": inputs}
 
 

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -142,8 +143,8 @@ class Engine:
     # ------------------------------------------------------------------ per request
     def encode(self, req: GenerationRequest) -> tuple[list[IdentityInput], EncodedIdentities]:
         """Face analysis + encoders for one request; a bad identity raises a 400 naming it."""
-        ids = [IdentityInput(image=i.image, bbox=i.bbox, expression=i.expression, landmarks_image=i.landmarks_image)
-               for i in req.identities]
+        ids = [IdentityInput(image=i.image, bbox=i.bbox, expression=i.expression, driving_image=i.driving_image,
+                             landmarks=i.landmarks) for i in req.identities]
         self._face.seconds = 0.0
         t = time.perf_counter()
         try:
@@ -207,8 +208,17 @@ class Engine:
         return time.perf_counter() - t
 
 
+_TARGET_FIELD = re.compile(r"identity \d+: (driving_image|landmarks): ")
+
+
 def _identity_error(message: str, req: GenerationRequest) -> ServingError:
+    """A pipeline error ("identity 1: driving_image: no face found") -> a 400 naming the field it is about."""
     i = identity_index(message)
+    target = _TARGET_FIELD.match(message)
+    if target and i is not None:
+        name = target.group(1)
+        reason = "bad_landmarks" if name == "landmarks" else ("no_face" if "face" in message.lower() else "bad_identity")
+        return bad_request(reason, message[target.end():], req.field(f"identities[{i}].{name}"))
     reason = "no_face" if "face" in message.lower() else "bad_identity"
     field = req.field(f"identities[{i}]") if i is not None else req.field("identities")
     text = message.split(": ", 1)[1] if message.startswith("identity ") and ": " in message else message

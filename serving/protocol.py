@@ -9,7 +9,8 @@ v2 (open inference protocol) ``POST /v2/models/<name>/infer``, one image per req
 |---|---|---|---|
 | ``prompt`` (required) | BYTES | [1] | UTF-8 prompt |
 | ``id_images`` (required) | BYTES | [N] | base64 image per identity |
-| ``landmarks_images`` | BYTES | [N] | base64 target landmark image per identity, "" for none |
+| ``driving_images`` | BYTES | [N] | base64 driving photo (target pose / expression) per identity, "" for none |
+| ``landmarks`` | FP32 | [N, L, 2] | target landmarks per identity (x, y pixels of its image), all zeros for none |
 | ``parameters`` | BYTES | [1] | JSON object: every other instance field, per-identity ones under "identities" |
 
 outputs: ``image`` BYTES [1] (base64 PNG) and ``metadata`` BYTES [1] (JSON ``{"seed", "identities"}``).
@@ -30,14 +31,16 @@ from serving.errors import FieldNamer, bad_request
 V2_INPUTS = {
     "prompt": {"name": "prompt", "datatype": "BYTES", "shape": [1]},
     "id_images": {"name": "id_images", "datatype": "BYTES", "shape": [-1]},
-    "landmarks_images": {"name": "landmarks_images", "datatype": "BYTES", "shape": [-1]},
+    "driving_images": {"name": "driving_images", "datatype": "BYTES", "shape": [-1]},
+    "landmarks": {"name": "landmarks", "datatype": "FP32", "shape": [-1, -1, 2]},
     "parameters": {"name": "parameters", "datatype": "BYTES", "shape": [1]},
 }
 V2_OUTPUTS = {
     "image": {"name": "image", "datatype": "BYTES", "shape": [1]},
     "metadata": {"name": "metadata", "datatype": "BYTES", "shape": [1]},
 }
-_WIRE_FIELDS = {"prompt": "prompt", "image": "id_images", "landmarks_image": "landmarks_images"}
+_WIRE_FIELDS = {"prompt": "prompt", "image": "id_images", "driving_image": "driving_images", "landmarks": "landmarks"}
+_PER_ID_TENSORS = ("image", "driving_image", "landmarks")  # per-identity fields that travel as tensors
 
 
 # ---------------------------------------------------------------------------------------- v1
@@ -75,8 +78,9 @@ def v2_namer(path: str) -> str:
         rest = rest.lstrip(".")
         if not rest:
             return f"id_images[{index}]"
-        if rest in _WIRE_FIELDS:
-            return f"{_WIRE_FIELDS[rest]}[{index}]"
+        head, bracket, tail = rest.partition("[")  # identities[0].landmarks[3][1] -> landmarks[0][3][1]
+        if head in _WIRE_FIELDS:
+            return f"{_WIRE_FIELDS[head]}[{index}]" + (bracket + tail)
         return f"parameters.identities[{index}].{rest}"
     return f"parameters.{path}"
 
@@ -105,6 +109,23 @@ def _strings(tensor, name: str) -> list[str]:
     return out
 
 
+def _landmark_sets(tensor, n: int) -> list[list[list[float]] | None]:
+    """The ``landmarks`` tensor [N, L, 2] -> one list of [x, y] per identity (None where all zeros)."""
+    name = "landmarks"
+    if tensor.datatype not in ("FP32", "FP64"):
+        raise bad_request("invalid_field", f"datatype must be FP32, got {tensor.datatype}", name)
+    shape = list(tensor.shape or [])
+    if (len(shape) != 3 or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+            or shape[0] != n or shape[2] != 2):
+        raise bad_request("invalid_field", f"shape must be [{n}, L, 2]: one set of L [x, y] points per id_images "
+                          f"element (all zeros for none), got {str(shape)[:100]}", name)
+    try:
+        values = np.asarray(tensor.as_numpy(), dtype=np.float64).reshape(shape)  # [N, L, 2]
+    except (ValueError, TypeError) as err:
+        raise bad_request("invalid_field", f"data does not match shape {shape} ({str(err)[:200]})", name) from None
+    return [v.tolist() if v.any() else None for v in values]
+
+
 def v2_instance(request) -> tuple[dict[str, Any], FieldNamer]:
     """An InferRequest -> (instance dict, v2 namer); errors name the tensor."""
     tensors: dict[str, Any] = {}
@@ -114,7 +135,7 @@ def v2_instance(request) -> tuple[dict[str, Any], FieldNamer]:
                               "inputs")
         if t.name in tensors:
             raise bad_request("invalid_field", f"input tensor {t.name!r} given twice", "inputs")
-        tensors[t.name] = _strings(t, t.name)
+        tensors[t.name] = t if t.name == "landmarks" else _strings(t, t.name)
     for required in ("prompt", "id_images"):
         if required not in tensors:
             raise bad_request("missing_field", "required input tensor is missing", required)
@@ -141,19 +162,22 @@ def v2_instance(request) -> tuple[dict[str, Any], FieldNamer]:
     if not isinstance(per_id, list) or len(per_id) != len(images) or not all(isinstance(p, dict) for p in per_id):
         raise bad_request("invalid_field", f"expected a list of {len(images)} objects, one per id_images element",
                           "parameters.identities")
-    landmarks = tensors.get("landmarks_images")
-    if landmarks is not None and len(landmarks) != len(images):
+    driving = tensors.get("driving_images")
+    if driving is not None and len(driving) != len(images):
         raise bad_request("invalid_field", f"expected {len(images)} elements (one per id_images, '' for none), "
-                          f"got {len(landmarks)}", "landmarks_images")
+                          f"got {len(driving)}", "driving_images")
+    landmarks = _landmark_sets(tensors["landmarks"], len(images)) if "landmarks" in tensors else None
     identities = []
     for i, (image, extra) in enumerate(zip(images, per_id)):
-        for key in ("image", "landmarks_image"):
+        for key in _PER_ID_TENSORS:
             if key in extra:
-                raise bad_request("unknown_field", f"images go in the {_WIRE_FIELDS[key]} tensor",
+                raise bad_request("unknown_field", f"this goes in the {_WIRE_FIELDS[key]} tensor",
                                   f"parameters.identities[{i}].{key}")
         ident = {"image": image, **extra}
-        if landmarks is not None and landmarks[i]:
-            ident["landmarks_image"] = landmarks[i]
+        if driving is not None and driving[i]:
+            ident["driving_image"] = driving[i]
+        if landmarks is not None and landmarks[i] is not None:
+            ident["landmarks"] = landmarks[i]
         identities.append(ident)
     return {"prompt": tensors["prompt"][0], **params, "identities": identities}, v2_namer
 

@@ -17,10 +17,12 @@ from typing import Annotated, Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from model.motion_targets import LAYOUT_NAMES
 from serving.errors import FieldNamer, ServingError, bad_request, same_name
 from serving.images import decode_image, encoded_limit
 
 SEED_LIMIT = 2**32
+MAX_COORD = 1e6  # |landmark coordinate| in pixels: far beyond any image the limits let through
 
 
 @dataclass(frozen=True)
@@ -43,9 +45,12 @@ class Limits:
     max_image_bytes: int = 8 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
     image_formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP")
+    landmark_count: int | None = None   # the face analyzer's landmark count; None: checked by the pipeline only
 
     @classmethod
     def from_params(cls, params) -> "Limits":
+        from model.face_analysis.backends import landmark_count
+
         s, m = params.serve, params.model
         return cls(
             max_ids=m.max_ids, resolution=m.active.resolution, default_steps=s.default_steps,
@@ -54,6 +59,7 @@ class Limits:
             max_id_scale=s.max_id_scale, max_prompt_chars=s.max_prompt_chars,
             max_expression_chars=s.max_expression_chars, max_image_bytes=s.max_image_bytes,
             max_image_pixels=s.max_image_pixels, image_formats=tuple(s.image_formats),
+            landmark_count=landmark_count(params.face, m.profile),
         )
 
 
@@ -62,7 +68,8 @@ class IdentityRequest:
     image: np.ndarray                                   # [H, W, 3] uint8 RGB
     bbox: tuple[float, float, float, float] | None      # (y0, x0, y1, x1) in [0, 1]
     expression: str | None
-    landmarks_image: np.ndarray | None                  # [H, W, 3] uint8, dots on black
+    driving_image: np.ndarray | None = None             # [H, W, 3] uint8 RGB: target pose / expression
+    landmarks: np.ndarray | None = None                 # [L, 2] float32 x, y, pixels of ``image``
 
 
 @dataclass
@@ -107,11 +114,18 @@ class RequestSchema:
                      "URLs and paths are never fetched")
         side = Annotated[int, Field(ge=lim.min_side, le=lim.max_side, multiple_of=8)]
         unit = Annotated[float, Field(ge=0.0, le=1.0)]
+        coord = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_COORD, le=MAX_COORD)]
+        point = Annotated[list[coord], Field(min_length=2, max_length=2)]
+        count = lim.landmark_count
+        layout = layout_text(count)
 
         class Identity(BaseModel):
-            """One person, from one reference photo (if it shows several faces, the largest is used)."""
+            """One person, from one reference photo (if it shows several faces, the largest is used).
+            Target motion: expression and/or one landmark target, driving_image or landmarks."""
 
-            model_config = ConfigDict(extra="forbid", strict=True, title="Identity")
+            model_config = ConfigDict(extra="forbid", strict=True, title="Identity", json_schema_extra={
+                "not": {"required": ["driving_image", "landmarks"],  # one landmark target at most
+                        "properties": {"driving_image": {"type": "string"}, "landmarks": {"type": "array"}}}})
             image: str = Field(description=image_doc, json_schema_extra={"maxLength": b64, "contentEncoding": "base64"})
             bbox: list[unit] | None = Field(
                 None, min_length=4, max_length=4,
@@ -122,10 +136,22 @@ class RequestSchema:
                 None, min_length=1, max_length=lim.max_expression_chars,
                 description="target expression / head pose, e.g. 'smiling' or 'the face is turned to the left'",
             )
-            landmarks_image: str | None = Field(
-                None, description="target landmark image (white dots on black), " + image_doc,
+            driving_image: str | None = Field(
+                None, description="target pose and expression: a photo of anyone (its largest face), " + image_doc,
                 json_schema_extra={"maxLength": b64, "contentEncoding": "base64"},
             )
+            landmarks: list[point] | None = Field(
+                None, min_length=count or 1, max_length=count,
+                description=f"target landmarks: [x, y] pixels of this identity's image, {layout}; "
+                "e.g. the reference face's own landmarks, moved; not with driving_image",
+            )
+
+            @field_validator("landmarks")
+            @classmethod
+            def _landmarks(cls, v: list[list[float]] | None, info) -> list[list[float]] | None:
+                if v is not None and info.data.get("driving_image") is not None:
+                    raise ValueError("give driving_image or landmarks as the target, not both")
+                return v
 
             @field_validator("bbox")
             @classmethod
@@ -190,6 +216,15 @@ class RequestSchema:
         elif path == "identities" and kind == "too_long":
             reason = "too_many_identities"
             msg = f"{len(got)} identities given, at most {self.limits.max_ids} (model.max_ids)"
+        elif ".landmarks" in path:
+            reason = "bad_landmarks"
+            if path.endswith(".landmarks") and kind in ("too_short", "too_long"):
+                msg = f"expected {layout_text(self.limits.landmark_count)} as [x, y] pairs, got {len(got)}"
+            elif kind == "value_error":
+                msg = e["msg"].removeprefix("Value error, ")
+                reason = "invalid_field" if "not both" in msg else reason
+            else:
+                msg = f"each point is [x, y], finite numbers: {e['msg']} (got {str(got)[:80]})"
         elif ".bbox" in path and kind in ("value_error", "greater_than_equal", "less_than_equal"):
             reason = "bbox_out_of_range"
             msg = e["msg"].removeprefix("Value error, ") + ("" if kind == "value_error" else f" (got {got!r})")
@@ -220,12 +255,13 @@ class RequestSchema:
         for i, ident in enumerate(inst.identities):
             image = decode_image(ident.image, namer(f"identities[{i}].image"), lim.max_image_bytes,
                                  lim.max_image_pixels, lim.image_formats)
-            lmk = None
-            if ident.landmarks_image is not None:
-                lmk = decode_image(ident.landmarks_image, namer(f"identities[{i}].landmarks_image"),
-                                   lim.max_image_bytes, lim.max_image_pixels, lim.image_formats)
+            driving = None
+            if ident.driving_image is not None:
+                driving = decode_image(ident.driving_image, namer(f"identities[{i}].driving_image"),
+                                       lim.max_image_bytes, lim.max_image_pixels, lim.image_formats)
+            lmk = None if ident.landmarks is None else np.asarray(ident.landmarks, dtype=np.float32)  # [L, 2]
             identities.append(IdentityRequest(image=image, bbox=tuple(ident.bbox) if ident.bbox else None,
-                                              expression=ident.expression, landmarks_image=lmk))
+                                              expression=ident.expression, driving_image=driving, landmarks=lmk))
         return GenerationRequest(
             prompt=inst.prompt, negative_prompt=inst.negative_prompt, identities=identities,
             seed=inst.seed if inst.seed is not None else secrets.randbelow(2**31),
@@ -234,6 +270,13 @@ class RequestSchema:
             id_scale=lim.default_id_scale if inst.id_scale is None else inst.id_scale,
             height=inst.height or lim.resolution, width=inst.width or lim.resolution, field=namer,
         )
+
+
+def layout_text(count: int | None) -> str:
+    """"68 points in the iBUG 300-W 68-point order (dlib)": what a landmark error says is expected."""
+    if not count:
+        return "the face analyzer's landmark points (68 dlib, 106 insightface)"
+    return f"{count} points in {LAYOUT_NAMES.get(count, 'the face analyzer layout')}"
 
 
 def identity_index(message: str) -> int | None:

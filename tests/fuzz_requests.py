@@ -31,7 +31,7 @@ from serving.schema import SEED_LIMIT, Limits
 
 INSTANCE_FIELDS = ("prompt", "negative_prompt", "identities", "seed", "num_inference_steps", "guidance_scale",
                    "id_scale", "height", "width")
-IDENTITY_FIELDS = ("image", "bbox", "expression", "landmarks_image")
+IDENTITY_FIELDS = ("image", "bbox", "expression", "driving_image", "landmarks")
 JSON = {"content-type": "application/json"}
 
 
@@ -129,6 +129,8 @@ def valid_instance(draw, ctx: Context) -> dict[str, Any]:
             ident["bbox"] = draw(valid_bbox())
         if draw(st.booleans()):
             ident["expression"] = draw(st.text(min_size=1, max_size=min(20, lim.max_expression_chars)))
+        if draw(st.integers(0, 3)) == 0:
+            ident["driving_image"] = ctx.face_b64  # a real face: a valid pose / expression target
         identities.append(ident)
     inst: dict[str, Any] = {"prompt": draw(st.text(min_size=1, max_size=min(40, lim.max_prompt_chars))),
                             "identities": identities}
@@ -199,6 +201,18 @@ def _set(path: tuple, value: Any) -> Callable[[dict], dict]:
         for p in path[:-1]:
             target = target[p]
         target[path[-1]] = value
+        return out
+    return apply
+
+
+def _set_target(key: str, value: Any) -> Callable[[dict], dict]:
+    """Set identity 0's landmark target ``key`` and drop the other one: a valid instance may carry a
+    driving_image, and both together would be a different defect."""
+    other = "landmarks" if key == "driving_image" else "driving_image"
+
+    def apply(inst: dict) -> dict:
+        out = _set(("identities", 0, key), value)(inst)
+        out["identities"][0].pop(other, None)
         return out
     return apply
 
@@ -277,9 +291,18 @@ INSTANCE_MUTATIONS: list[Mutation] = [
         lambda wh: b64(gif_header(*wh)))), R({"unsupported_format"}), 400),
     ("image_too_long", lambda c: st.integers(1, 2000).map(
         lambda n: _set(IMG, "A" * (encoded_limit(c.limits.max_image_bytes) + 4 * n))), R({"image_too_large"}), 413),
-    ("landmarks_bad", lambda c: st.sampled_from(["%%", "file:///etc/passwd", b64(b"x" * 10)]).map(
-        lambda v: _set(("identities", 0, "landmarks_image"), v)),
+    ("driving_image_bad", lambda c: st.sampled_from(["%%", "file:///etc/passwd", b64(b"x" * 10)]).map(
+        lambda v: _set_target("driving_image", v)),
      R({"invalid_base64", "uri_not_allowed", "not_an_image"}), 400),
+    ("driving_image_no_face", lambda c: st.sampled_from([(8, 8), (64, 64)]).map(
+        lambda wh: _set_target("driving_image", plain_png(*wh))), R({"no_face"}), 400),
+    ("landmarks_wrong_count", lambda c: st.integers(1, 300).filter(lambda n: n != (c.limits.landmark_count or 68)).map(
+        lambda n: _set_target("landmarks", [[10.0, 10.0]] * n)), R({"bad_landmarks"}), 400),
+    ("landmarks_off_face", lambda c: st.floats(-1e6, -1.0, **finite).map(
+        lambda v: _set_target("landmarks", [[v, v]] * (c.limits.landmark_count or 68))),
+     R({"bad_landmarks"}), 400),
+    ("landmarks_wrong_type", lambda c: wrong_type(list).filter(lambda v: v is not None).map(
+        lambda v: _set_target("landmarks", v)), R({"bad_landmarks"}), 400),
     ("identity_unknown_field", lambda c: st.tuples(
         st.text(min_size=1, max_size=12).filter(lambda k: k not in IDENTITY_FIELDS), garbage()).map(
         lambda kv: _set(("identities", 0, kv[0]), kv[1])), R({"unknown_field"}), 400),
@@ -335,18 +358,34 @@ def v2_body(inst: dict[str, Any]) -> bytes:
     images = [i.get("image") if isinstance(i, dict) else i for i in ids_list]
     params = {k: v for k, v in inst.items() if k not in ("prompt", "identities")}
     if isinstance(ids, list):
-        params["identities"] = [{k: v for k, v in i.items() if k not in ("image", "landmarks_image")}
+        params["identities"] = [{k: v for k, v in i.items() if k not in ("image", "driving_image", "landmarks")}
                                 if isinstance(i, dict) else i for i in ids]
     elif ids is not None:
         params["identities"] = ids
     inputs = [{"name": "id_images", "datatype": "BYTES", "shape": [len(images)], "data": images}]
     if "prompt" in inst:
         inputs.insert(0, {"name": "prompt", "datatype": "BYTES", "shape": [1], "data": [inst["prompt"]]})
-    if any(isinstance(i, dict) and "landmarks_image" in i for i in ids_list):
-        inputs.append({"name": "landmarks_images", "datatype": "BYTES", "shape": [len(images)],
-                       "data": [i.get("landmarks_image", "") if isinstance(i, dict) else "" for i in ids_list]})
+    if any(isinstance(i, dict) and "driving_image" in i for i in ids_list):
+        inputs.append({"name": "driving_images", "datatype": "BYTES", "shape": [len(images)],
+                       "data": [i.get("driving_image", "") if isinstance(i, dict) else "" for i in ids_list]})
+    sets = [i.get("landmarks") if isinstance(i, dict) else None for i in ids_list]
+    if any(v is not None for v in sets):
+        inputs.append(landmarks_tensor(sets))
     inputs.append({"name": "parameters", "datatype": "BYTES", "shape": [1], "data": [json.dumps(params)]})
     return dumps({"inputs": inputs})
+
+
+def landmarks_tensor(sets: list[Any]) -> dict[str, Any]:
+    """The FP32 [N, L, 2] ``landmarks`` tensor (all zeros for an identity without); a set that is
+    no list of pairs (a mutation) goes in as it is, for the server to refuse."""
+    pairs = [v for v in sets if v is not None]
+    lengths = {len(v) for v in pairs if isinstance(v, list)}
+    if len(lengths) != 1 or not all(isinstance(v, list) and all(isinstance(pt, list) and len(pt) == 2 for pt in v)
+                                    for v in pairs):
+        return {"name": "landmarks", "datatype": "FP32", "shape": [len(sets), 1, 2], "data": pairs[0]}
+    n = lengths.pop()
+    flat = [x for v in sets for pt in (v if v is not None else [[0.0, 0.0]] * n) for x in pt]
+    return {"name": "landmarks", "datatype": "FP32", "shape": [len(sets), n, 2], "data": flat}
 
 
 # Shapes that do not describe n elements: another count, a negative dimension (numpy would read it
@@ -380,8 +419,11 @@ def _v2_tensor_mutations(ctx: Context) -> st.SearchStrategy[tuple[str, Callable[
                     t["shape"] = bad(len(t["data"]))
         return fn
 
-    def landmarks(n: int) -> dict:  # one element per id_images element is right; n is not
-        return {"name": "landmarks_images", "datatype": "BYTES", "shape": [n], "data": [""] * n}
+    def driving(n: int) -> dict:  # one element per id_images element is right; n is not
+        return {"name": "driving_images", "datatype": "BYTES", "shape": [n], "data": [""] * n}
+
+    def landmarks(n: int) -> dict:  # [N, L, 2] with N = the id_images count is right; n is not
+        return {"name": "landmarks", "datatype": "FP32", "shape": [n, 68, 2], "data": [1.0] * (n * 136)}
 
     names = st.sampled_from(["prompt", "id_images", "parameters"])
     bad_params = st.sampled_from(["not json", "[1, 2]", "null", '"x"', "1e999999", '{"seed": NaN}',
@@ -396,7 +438,7 @@ def _v2_tensor_mutations(ctx: Context) -> st.SearchStrategy[tuple[str, Callable[
         st.tuples(st.just("v2_data_garbage"), names.flatmap(lambda n: garbage().filter(not_strings).map(
             lambda g: edit(setter(n, "data", g)))), st.just(None)),
         st.tuples(st.just("v2_unknown_tensor"), st.text(min_size=1, max_size=10).filter(
-            lambda n: n not in ("prompt", "id_images", "parameters", "landmarks_images")).map(
+            lambda n: n not in ("prompt", "id_images", "parameters", "driving_images", "landmarks")).map(
             lambda n: edit(lambda inputs: inputs.append({"name": n, "datatype": "BYTES", "shape": [1],
                                                          "data": ["x"]}))),
             st.just(R({"unknown_field"}))),
@@ -407,8 +449,13 @@ def _v2_tensor_mutations(ctx: Context) -> st.SearchStrategy[tuple[str, Callable[
             st.just(R({"missing_field"}))),
         st.tuples(st.just("v2_bad_parameters"), bad_params.map(lambda p: edit(setter("parameters", "data", [p]))),
                   st.just(R({"invalid_field", "unknown_field", "out_of_range"}))),
+        st.tuples(st.just("v2_driving_count"), st.integers(-1, 4).filter(bool).map(lambda extra: edit(
+            lambda inputs: inputs.append(driving(len(inputs[1]["data"]) + extra)))), st.just(R({"invalid_field"}))),
         st.tuples(st.just("v2_landmarks_count"), st.integers(-1, 4).filter(bool).map(lambda extra: edit(
             lambda inputs: inputs.append(landmarks(len(inputs[1]["data"]) + extra)))), st.just(R({"invalid_field"}))),
+        st.tuples(st.just("v2_landmarks_datatype"), st.sampled_from(["BYTES", "INT64", "BOOL", "FOO"]).map(
+            lambda d: edit(lambda inputs: inputs.append({**landmarks(len(inputs[1]["data"])), "datatype": d}))),
+            st.just(R({"invalid_field"}))),
         st.tuples(st.just("v2_top_level"), st.sampled_from([{"inputs": "x"}, {"inputs": [1]}, {}, {"inputs": []},
                                                             {"inputs": [{"name": "prompt"}]}, {"outputs": 1}]).map(
             lambda b: (lambda _body: b)), st.just(R({"invalid_field", "missing_field"}))),
@@ -494,7 +541,8 @@ def _mutated(protocol: str, mutation: tuple, inst: dict[str, Any]) -> Request:
         reasons, status = None, None  # inside the parameters tensor, NaN / huge numbers are parsed by json.loads
     if protocol == "v2" and name in ("identities_wrong_type", "identity_wrong_type", "image_wrong_type",
                                      "identities_missing", "image_missing", "nested_garbage", "prompt_wrong_type",
-                                     "prompt_missing", "identities_empty", "too_many_identities"):
+                                     "prompt_missing", "identities_empty", "too_many_identities",
+                                     "landmarks_wrong_type"):
         reasons, status = None, None  # the v2 mapping changes which tensor check fires first
     return Request(protocol, name, body, dict(JSON), reasons, status)
 

@@ -115,10 +115,13 @@ def face_b64(single_face_photo) -> str:
 
 @pytest.fixture(scope="module")
 def ctx(face_b64, tiny_params) -> Context:
+    from model.face_analysis.backends import landmark_count
+
     limits = Limits(max_ids=tiny_params.model.max_ids, resolution=tiny_params.model.active.resolution,
                     max_steps=SERVE["serve.max_steps"], default_steps=SERVE["serve.default_steps"],
                     max_side=SERVE["serve.max_side"], max_image_bytes=SERVE["serve.max_image_bytes"],
-                    max_image_pixels=SERVE["serve.max_image_pixels"])
+                    max_image_pixels=SERVE["serve.max_image_pixels"],
+                    landmark_count=landmark_count(tiny_params.face, tiny_params.model.profile))
     return Context(limits=limits, face_b64=face_b64, max_queue=MAX_QUEUE,
                    max_body_bytes=SERVE["serve.max_body_bytes"], max_ids=tiny_params.model.max_ids)
 
@@ -434,7 +437,7 @@ def test_image_fields_never_read_local_files_or_fetch_uris(server, single_face_p
                    f"http://127.0.0.1:{web.server_address[1]}/face.png", f"s3://bucket/{face.name}",
                    f"{face.parent}/../{face.parent.name}/face.png", *URIS]
         for target in targets:
-            for field in ("image", "landmarks_image"):
+            for field in ("image", "driving_image"):
                 ident = {"image": base64.b64encode(face.read_bytes()).decode(), field: target}
                 r = httpx.post(server.url + V1, json={"instances": [instance("", identities=[ident])]}, timeout=30)
                 body = r.json()

@@ -24,7 +24,8 @@ from serving.schema import Limits, RequestSchema
 
 LIMITS = Limits(max_ids=2, resolution=64, max_steps=8, min_side=64, max_side=128, max_guidance=10.0,
                 max_id_scale=2.0, max_image_bytes=20_000, max_image_pixels=100 * 100, max_prompt_chars=50,
-                max_expression_chars=20)
+                max_expression_chars=20, landmark_count=68)
+POINTS = [[10.0 + k % 17, 12.5 + k // 17] for k in range(68)]  # 68 [x, y] pixel pairs
 
 
 def png(img: Image.Image, fmt: str = "PNG") -> bytes:
@@ -67,15 +68,16 @@ def big_header_png(width: int, height: int) -> bytes:
 
 
 def test_valid_instance_fills_defaults_and_decodes_images(schema, photo, photo_b64):
-    lmk = np.zeros((32, 32, 3), np.uint8)
-    lmk[10, 10] = 255
+    driver = np.random.default_rng(2).integers(0, 255, (32, 30, 3), dtype=np.uint8)
     req = schema.parse({"prompt": "a person", "identities": [
-        {"image": photo_b64, "bbox": [0.1, 0, 0.9, 0.5], "expression": "smiling"},
-        {"image": "data:image/png;base64," + photo_b64, "landmarks_image": b64(png(Image.fromarray(lmk)))},
+        {"image": photo_b64, "bbox": [0.1, 0, 0.9, 0.5], "expression": "smiling", "landmarks": POINTS},
+        {"image": "data:image/png;base64," + photo_b64, "driving_image": b64(png(Image.fromarray(driver)))},
     ]})
     assert np.array_equal(req.identities[0].image, photo)          # lossless PNG round trip
     assert np.array_equal(req.identities[1].image, photo)          # data URL prefix accepted
-    assert np.array_equal(req.identities[1].landmarks_image, lmk)
+    assert np.array_equal(req.identities[1].driving_image, driver)
+    assert req.identities[0].landmarks.dtype == np.float32 and req.identities[0].landmarks.tolist() == POINTS
+    assert req.identities[0].driving_image is None and req.identities[1].landmarks is None
     assert req.identities[0].bbox == (0.1, 0.0, 0.9, 0.5) and req.identities[1].bbox is None
     assert req.identities[0].expression == "smiling"
     assert (req.num_inference_steps, req.guidance_scale, req.id_scale) == (30, 5.0, 1.0)
@@ -113,8 +115,24 @@ def _bad_cases(photo_b64: str) -> list[tuple[str, dict, int, str, str, str]]:
          "identities[0].image", "never opens"),
         ("http url", inst(identities=[ok, {"image": "https://example.com/a.png"}]), 400, "uri_not_allowed",
          "identities[1].image", "never opens"),
-        ("s3 landmarks", inst(identities=[{"image": photo_b64, "landmarks_image": "s3://bucket/x.png"}]), 400,
-         "uri_not_allowed", "identities[0].landmarks_image", "never opens"),
+        ("s3 driving image", inst(identities=[{"image": photo_b64, "driving_image": "s3://bucket/x.png"}]), 400,
+         "uri_not_allowed", "identities[0].driving_image", "never opens"),
+        ("driving image over limit", inst(identities=[ok, {"image": photo_b64, "driving_image": big}]), 413,
+         "image_too_large", "identities[1].driving_image", "the limit is 20000"),
+        ("landmark count", inst(identities=[{"image": photo_b64, "landmarks": POINTS[:5]}]), 400, "bad_landmarks",
+         "identities[0].landmarks", "expected 68 points in the iBUG 300-W 68-point order (dlib) as [x, y] pairs, got 5"),
+        ("landmark point", inst(identities=[{"image": photo_b64, "landmarks": POINTS[:67] + [[1.0, 2.0, 3.0]]}]), 400,
+         "bad_landmarks", "identities[0].landmarks[67]", "each point is [x, y]"),
+        ("landmark coordinate", inst(identities=[{"image": photo_b64, "landmarks": POINTS[:67] + [[1.0, 1e7]]}]),
+         400, "bad_landmarks", "identities[0].landmarks[67][1]", "less than or equal to 1000000"),
+        ("landmarks as text", inst(identities=[{"image": photo_b64, "landmarks": "[[1, 2]]"}]), 400, "bad_landmarks",
+         "identities[0].landmarks", "valid list"),
+        ("driving image and landmarks", inst(identities=[{"image": photo_b64, "driving_image": photo_b64,
+                                                          "landmarks": POINTS}]), 400, "invalid_field",
+         "identities[0].landmarks", "give driving_image or landmarks as the target, not both"),
+        ("landmarks image is internal", inst(identities=[{"image": photo_b64, "landmarks_image": photo_b64}]), 400,
+         "unknown_field", "identities[0].landmarks_image",
+         "allowed fields: image, bbox, expression, driving_image, landmarks"),
         ("bytes over limit", inst(identities=[{"image": big}]), 413, "image_too_large", "identities[0].image",
          "the limit is 20000"),
         ("pixels over limit", inst(identities=[{"image": wide}]), 413, "too_many_pixels", "identities[0].image",
@@ -203,27 +221,46 @@ def test_v1_body_shape():
         assert err.value.status == 400 and err.value.field == field
 
 
-def _v2(inputs: list[tuple[str, str, list]]):
+def _v2(inputs: list[tuple]):
+    """(name, datatype, data) or (name, datatype, data, shape) per tensor; shape defaults to [len(data)]."""
     from kserve import InferInput, InferRequest
 
     return InferRequest(model_name="dynamicid", infer_inputs=[
-        InferInput(name=n, datatype=dt, shape=[len(d)], data=d) for n, dt, d in inputs])
+        InferInput(name=t[0], datatype=t[1], shape=t[3] if len(t) > 3 else [len(t[2])], data=t[2]) for t in inputs])
+
+
+def _landmarks_tensor(sets: list[list[list[float]] | None], n_points: int = 68) -> tuple:
+    flat = [v for s in sets for pt in (s or [[0.0, 0.0]] * n_points) for v in pt]
+    return ("landmarks", "FP32", flat, [len(sets), n_points, 2])
 
 
 def test_v2_tensors_map_to_the_v1_instance(schema, photo_b64):
     params = {"seed": 3, "num_inference_steps": 4, "negative_prompt": "blurry",
               "identities": [{"bbox": [0, 0, 1, 0.5]}, {"expression": "smiling"}]}
     req = _v2([("prompt", "BYTES", ["two people"]), ("id_images", "BYTES", [photo_b64, photo_b64]),
-               ("landmarks_images", "BYTES", ["", photo_b64]), ("parameters", "BYTES", [json.dumps(params)])])
+               ("driving_images", "BYTES", ["", photo_b64]), _landmarks_tensor([POINTS, None]),
+               ("parameters", "BYTES", [json.dumps(params)])])
     instance, namer = v2_instance(req)
     assert instance == {"prompt": "two people", "seed": 3, "num_inference_steps": 4, "negative_prompt": "blurry",
-                        "identities": [{"image": photo_b64, "bbox": [0, 0, 1, 0.5]},
-                                       {"image": photo_b64, "expression": "smiling", "landmarks_image": photo_b64}]}
-    assert schema.parse(instance, namer).batch_key == (64, 64, 4, 2, True)
+                        "identities": [{"image": photo_b64, "bbox": [0, 0, 1, 0.5], "landmarks": POINTS},
+                                       {"image": photo_b64, "expression": "smiling", "driving_image": photo_b64}]}
+    parsed = schema.parse(instance, namer)
+    assert parsed.batch_key == (64, 64, 4, 2, True) and parsed.identities[0].landmarks.tolist() == POINTS
     assert [namer(p) for p in ["prompt", "identities", "identities[1]", "identities[1].image",
-                               "identities[0].landmarks_image", "identities[0].bbox", "seed"]] == [
-        "prompt", "id_images", "id_images[1]", "id_images[1]", "landmarks_images[0]",
-        "parameters.identities[0].bbox", "parameters.seed"]
+                               "identities[0].driving_image", "identities[1].landmarks",
+                               "identities[1].landmarks[3][0]", "identities[0].bbox", "identities[0].bbox[2]",
+                               "seed"]] == [
+        "prompt", "id_images", "id_images[1]", "id_images[1]", "driving_images[0]", "landmarks[1]",
+        "landmarks[1][3][0]", "parameters.identities[0].bbox", "parameters.identities[0].bbox[2]", "parameters.seed"]
+
+
+def test_v2_landmark_errors_name_the_tensor(schema, photo_b64):
+    base = [("prompt", "BYTES", ["x"]), ("id_images", "BYTES", [photo_b64, photo_b64])]
+    instance, namer = v2_instance(_v2(base + [_landmarks_tensor([None, POINTS[:5]], n_points=5)]))
+    with pytest.raises(ServingError) as err:
+        schema.parse(instance, namer)
+    assert (err.value.reason, err.value.field) == ("bad_landmarks", "landmarks[1]")
+    assert "expected 68 points" in str(err.value) and "got 5" in str(err.value)
 
 
 @pytest.mark.parametrize("inputs, field, text", [
@@ -232,8 +269,26 @@ def test_v2_tensors_map_to_the_v1_instance(schema, photo_b64):
     ([("prompt", "BYTES", ["x"])], "id_images", "required input tensor"),
     ([("prompt", "INT32", [1]), ("id_images", "BYTES", ["a"])], "prompt", "datatype must be BYTES"),
     ([("prompt", "BYTES", ["x", "y"]), ("id_images", "BYTES", ["a"])], "prompt", "expected one prompt"),
-    ([("prompt", "BYTES", ["x"]), ("id_images", "BYTES", ["a", "b"]), ("landmarks_images", "BYTES", [""])],
-     "landmarks_images", "expected 2 elements"),
+    ([("prompt", "BYTES", ["x"]), ("id_images", "BYTES", ["a", "b"]), ("driving_images", "BYTES", [""])],
+     "driving_images", "expected 2 elements"),
+    ([("prompt", "BYTES", ["x"]), ("id_images", "BYTES", ["a"]), ("landmarks", "BYTES", ["1"])],
+     "landmarks", "datatype must be FP32"),
+    ([("prompt", "BYTES", ["x"]), ("id_images", "BYTES", ["a", "b"]), ("landmarks", "FP32", [1.0] * 136, [1, 68, 2])],
+     "landmarks", "shape must be [2, L, 2]"),
+    ([("prompt", "BYTES", ["x"]), ("id_images", "BYTES", ["a"]), ("landmarks", "FP32", [1.0] * 136, [136])],
+     "landmarks", "shape must be [1, L, 2]"),
+    ([("prompt", "BYTES", ["x"]), ("id_images", "BYTES", ["a"]), ("landmarks", "FP32", ["x", "y"], [1, 1, 2])],
+     "landmarks", "data does not match shape"),
+    ([("prompt", "BYTES", ["x"]), ("id_images", "BYTES", ["a"]), ("landmarks", "FP32", [1.0] * 6, [1, 68, 2])],
+     "landmarks", "data does not match shape"),
+    ([("prompt", "BYTES", ["x"]), ("id_images", "BYTES", ["a"]), ("landmarks_images", "BYTES", ["a"])], "inputs",
+     "unknown input tensor 'landmarks_images'"),
+    ([("prompt", "BYTES", ["x"]), ("id_images", "BYTES", ["a"]),
+      ("parameters", "BYTES", ['{"identities": [{"landmarks": [[1, 2]]}]}'])], "parameters.identities[0].landmarks",
+     "landmarks tensor"),
+    ([("prompt", "BYTES", ["x"]), ("id_images", "BYTES", ["a"]),
+      ("parameters", "BYTES", ['{"identities": [{"driving_image": "abc"}]}'])], "parameters.identities[0].driving_image",
+     "driving_images tensor"),
     ([("prompt", "BYTES", ["x"]), ("id_images", "BYTES", ["a"]), ("parameters", "BYTES", ["{seed: 1"])],
      "parameters", "not valid JSON"),
     ([("prompt", "BYTES", ["x"]), ("id_images", "BYTES", ["a"]), ("parameters", "BYTES", ['{"prompt": "y"}'])],
@@ -273,6 +328,8 @@ def test_json_schema_states_the_configured_limits_and_agrees_with_the_parser(sch
     assert inst["identities"]["maxItems"] == 2
     assert inst["num_inference_steps"]["anyOf"][0]["maximum"] == 8
     assert inst["height"]["anyOf"][0] == {"maximum": 128, "minimum": 64, "multipleOf": 8, "type": "integer"}
+    lmk = doc["$defs"]["Identity"]["properties"]["landmarks"]["anyOf"][0]
+    assert (lmk["minItems"], lmk["maxItems"], lmk["items"]["minItems"], lmk["items"]["maxItems"]) == (68, 68, 2, 2)
     validator = jsonschema.Draft202012Validator(doc)
     good = {"instances": [{"prompt": "x", "identities": [{"image": photo_b64, "bbox": [0, 0, 1, 1]}], "seed": 1}]}
     assert not list(validator.iter_errors(good))

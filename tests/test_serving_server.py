@@ -129,7 +129,8 @@ def test_model_metadata_lists_the_v2_tensors(server):
     meta = httpx.get(f"{server.url}/v2/models/dynamicid").json()
     assert meta["name"] == "dynamicid"
     assert [(t["name"], t["datatype"]) for t in meta["inputs"]] == [
-        ("prompt", "BYTES"), ("id_images", "BYTES"), ("landmarks_images", "BYTES"), ("parameters", "BYTES")]
+        ("prompt", "BYTES"), ("id_images", "BYTES"), ("driving_images", "BYTES"), ("landmarks", "FP32"),
+        ("parameters", "BYTES")]
     assert [t["name"] for t in meta["outputs"]] == ["image", "metadata"]
     assert httpx.get(f"{server.url}/v2").json()["name"]  # server metadata (KServe's)
 
@@ -230,6 +231,36 @@ def test_expression_edit_is_applied_per_identity(server, two_people):
     pe = edit.json()["predictions"][0]
     assert [i["edited"] for i in pe["identities"]] == [False, True]
     assert not np.array_equal(decode(pe["image"]), decode(plain["image"]))
+
+
+def test_driving_photo_and_landmarks_over_plain_http(server, two_people, tiny_params):
+    """Both target inputs through the real server, v1 JSON and v2 tensors (JSON and the FP32
+    landmarks tensor), end to end: an edit that depends on the target, the same over both protocols."""
+    from model.face_analysis.backends import build_face_analyzer
+    from serving.client import v2_request
+
+    a, b = two_people
+    own = build_face_analyzer(tiny_params.face).detect(decode(a))[0].landmarks.tolist()   # [68, 2] pixels of a
+    plain = server.predict(person(a, seed=9)).json()["predictions"][0]
+    driven = server.predict(person(a, seed=9, driving_image=b))
+    kept = server.predict(person(a, seed=9, landmarks=own))
+    assert driven.status_code == 200 and kept.status_code == 200, (driven.text, kept.text)
+    pd, pk = driven.json()["predictions"][0], kept.json()["predictions"][0]
+    assert pd["identities"][0]["edited"] and pk["identities"][0]["edited"]
+    images = [decode(p["image"]) for p in (plain, pd, pk)]
+    assert not np.array_equal(images[0], images[1]) and not np.array_equal(images[1], images[2])
+    for inst, want in ((person(a, seed=9, driving_image=b), images[1]), (person(a, seed=9, landmarks=own), images[2])):
+        r = httpx.post(f"{server.url}/v2/models/dynamicid/infer", json=v2_request(inst), timeout=120)
+        assert r.status_code == 200, r.text
+        assert np.array_equal(decode(r.json()["outputs"][0]["data"][0]), want)
+    gray = b64(encode(np.full((96, 96, 3), 200, np.uint8)))
+    body = v2_request(person(a, driving_image=gray))
+    r = httpx.post(f"{server.url}/v2/models/dynamicid/infer", json=body, timeout=60)
+    assert (r.status_code, r.json()["reason"], r.json()["field"]) == (400, "no_face", "driving_images[0]")
+    r = server.predict(person(a, landmarks=own[:60]))
+    assert (r.status_code, r.json()["reason"], r.json()["field"]) == (
+        400, "bad_landmarks", "instances[0].identities[0].landmarks")
+    assert "expected 68 points" in r.json()["error"]
 
 
 # ------------------------------------------------------------------------------------ bad input
@@ -356,6 +387,33 @@ def test_stage_latency_histograms_are_exported(server):
 
 
 # ------------------------------------------------------------------------------------ CLI
+@pytest.mark.parametrize("protocol", ["v1", "v2"])
+def test_infer_cli_takes_a_driving_image_and_a_landmarks_file(server, two_people, tiny_params, tmp_path, capsys,
+                                                            protocol):
+    from model.face_analysis.backends import build_face_analyzer
+
+    a, b = (tmp_path / "a.png", tmp_path / "b.png")
+    for path, img in zip((a, b), two_people):
+        path.write_bytes(encode(decode(img)))
+    points = tmp_path / "b.json"
+    points.write_text(json.dumps(build_face_analyzer(tiny_params.face).detect(decode(two_people[1]))[0].landmarks.tolist()))
+    out = tmp_path / f"{protocol}.png"
+    rc = main(["infer", "--url", server.url, "--protocol", protocol, "--prompt", "two people", "--id-image", str(a),
+               "--id-image", str(b), "--driving-image", str(b), "--landmarks", "-", "--landmarks", str(points),
+               "--steps", "2", "--seed", "3", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert [i["edited"] for i in meta["identities"]] == [True, True]
+    points.write_text(json.dumps([[1, 2]] * 5))
+    rc = main(["infer", "--url", server.url, "--protocol", protocol, "--prompt", "x", "--id-image", str(b),
+               "--landmarks", str(points), "--steps", "2", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "expected 68 points" in err and ("identities[0].landmarks" in err or "landmarks[0]" in err)
+    points.write_text("{not json")
+    rc = main(["infer", "--url", server.url, "--prompt", "x", "--id-image", str(b), "--landmarks", str(points)])
+    assert rc == 2 and "not valid JSON" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("protocol", ["v1", "v2"])
 def test_infer_cli_writes_the_image(server, single_face_photo, tmp_path, capsys, protocol):
     out = tmp_path / f"{protocol}.png"

@@ -1,10 +1,13 @@
 """Per-person command-line arguments, shared by ``dynamicid generate`` and ``dynamicid infer``: the i-th
---bbox/--expression/... belongs to the i-th --id-image, '-' skips one.
+--bbox/--expression/--driving-image/--landmarks belongs to the i-th --id-image, '-' skips one.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+from pathlib import Path
 
 
 def parse_bbox(text: str) -> tuple[float, float, float, float]:
@@ -23,3 +26,26 @@ def nth_value(values: list[str], i: int) -> str | None:
     if i < len(values) and values[i] not in ("-", ""):
         return values[i]
     return None
+
+
+def load_landmarks(path: str) -> list[list[float]]:
+    """A ``--landmarks`` file: JSON, a list of [x, y] pairs in pixels of the person's --id-image.
+
+    Only the file's form is checked here; the point count (the face analyzer's layout) is checked
+    where the analyzer is known, by the pipeline or the server.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise argparse.ArgumentTypeError(f"--landmarks {path}: no such file")
+    try:
+        points = json.loads(p.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise argparse.ArgumentTypeError(f"--landmarks {path}: not valid JSON ({err})") from None
+    ok = isinstance(points, list) and points and all(
+        isinstance(pt, list) and len(pt) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in pt)
+        for pt in points)
+    if not ok:
+        raise argparse.ArgumentTypeError(f"--landmarks {path}: expected a JSON list of [x, y] number pairs "
+                                         "(pixels of the --id-image)")
+    return [[float(x), float(y)] for x, y in points]

@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from components.generate.args import nth_value, parse_bbox
+from components.generate.args import load_landmarks, nth_value, parse_bbox
 
 log = logging.getLogger(__name__)
 
@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "generate",
         help="generate an image of one or several people from reference photos",
         description="Put each --id-image's person into an image described by --prompt. The i-th --bbox, "
-        "--expression and --landmarks-image belong to the i-th --id-image (use '-' to skip one). "
+        "--expression, --driving-image and --landmarks belong to the i-th --id-image (use '-' to skip one). "
         "Without boxes, people are placed in equal vertical strips.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -28,7 +28,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--aligned", action="store_true", help="reference images are aligned face crops (no detection)")
     g.add_argument("--bbox", action="append", default=[], help="y0,x0,y1,x1 in [0,1] for the i-th person, or -")
     g.add_argument("--expression", action="append", default=[], help="target expression/pose text for the i-th person, or -")
-    g.add_argument("--landmarks-image", action="append", default=[], help="target landmark image for the i-th person, or -")
+    g.add_argument("--driving-image", action="append", default=[],
+                   help="photo whose face's pose and expression the i-th person takes (anyone's), or -")
+    g.add_argument("--landmarks", action="append", default=[],
+                   help="JSON file: target landmarks of the i-th person, [[x, y], ...] in pixels of its --id-image "
+                   "(the face analyzer's layout: 68 dlib / 106 insightface points), or -")
     g.add_argument("--steps", type=int, default=30)
     g.add_argument("--guidance", type=float, default=5.0)
     g.add_argument("--id-scale", type=float, default=None, help="default: model.saa.id_scale")
@@ -60,17 +64,17 @@ def run_generate(args: argparse.Namespace, params) -> int:
     from model.pipeline import GenerationError, IdentityInput
 
     n = len(args.id_image)
-    for name in ("bbox", "expression", "landmarks_image"):
+    for name in ("bbox", "expression", "driving_image", "landmarks"):
         if len(getattr(args, name)) > n:
             raise UserError(f"more --{name.replace('_', '-')} values than --id-image values")
     identities = []
     try:
         for i, path in enumerate(args.id_image):
-            bbox = nth_value(args.bbox, i)
-            lmk = nth_value(args.landmarks_image, i)
+            bbox, drive, lmk = (nth_value(v, i) for v in (args.bbox, args.driving_image, args.landmarks))
             identities.append(IdentityInput(
                 image=load_image(path), aligned=args.aligned, bbox=parse_bbox(bbox) if bbox else None,
-                expression=nth_value(args.expression, i), landmarks_image=load_image(lmk) if lmk else None,
+                expression=nth_value(args.expression, i), driving_image=load_image(drive) if drive else None,
+                landmarks=load_landmarks(lmk) if lmk else None,
             ))
         pipe = pipeline_from_params(params, args.checkpoint)
         out = pipe(args.prompt, identities, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,

@@ -46,7 +46,7 @@ def sample_outputs(image: "np.ndarray", bbox: "np.ndarray", landmarks: "np.ndarr
     import numpy as np
 
     from components.core.shards import encode_png
-    from model.landmarks import render_landmarks
+    from model.landmarks import crop_landmark_image
 
     h, w = image.shape[:2]
     left, top, side = square_frame(bbox, (h, w))
@@ -57,7 +57,8 @@ def sample_outputs(image: "np.ndarray", bbox: "np.ndarray", landmarks: "np.ndarr
     cl, ct, cr, cb = face_crop_box(bbox, (h, w))
     crop = _resize(image[ct:cb, cl:cr], crop_size)  # [C, C, 3]
     pts = np.asarray(landmarks, dtype=np.float32) - np.array([cl, ct], dtype=np.float32)  # [P, 2] crop pixels
-    lmk = (render_landmarks(pts, (cb - ct, cr - cl), size=landmark_size)[0] * 255).astype(np.uint8)  # [L, L]
+    # The one renderer of the model's frame: inference draws reference and target landmarks with it too.
+    lmk = (crop_landmark_image(landmarks, (cl, ct, cr, cb), size=landmark_size)[0] * 255).astype(np.uint8)  # [L, L]
     norm = pts / np.array([cr - cl, cb - ct], dtype=np.float32)
     blobs = {"pixels": encode_png(pixels), "face_crop": encode_png(crop), "landmark_image": encode_png(lmk),
              "landmarks": norm.reshape(-1).astype(np.float32)}

@@ -20,5 +20,5 @@ Modules (import from the defining one; this package re-exports nothing):
 * ``model.face_analysis.images``: ``load_image``, ``pil_to_rgb``;
 * ``model.face_analysis.geometry``: ``arcface_template``, ``align_face``, ``estimate_head_pose``;
 * ``model.face_analysis.backends``: ``DlibFaceAnalyzer``, ``InsightFaceAnalyzer``, ``build_face_analyzer``,
-  ``kps_from_68``, ``dlib_model_dir``.
+  ``landmark_count``, ``kps_from_68``, ``dlib_model_dir``.
 """

@@ -235,6 +235,13 @@ class InsightFaceAnalyzer:
         return self._face(img.shape, f, _unit(self._recognizer.get_feat(bgr)))
 
 
+def landmark_count(face: FaceParams, profile: str = "tiny") -> int:
+    """The dense-landmark count of the analyzer ``face.backend`` selects (68 dlib, 106 insightface),
+    known without loading it: the server checks user landmark coordinates before any model work."""
+    backend = face.resolved_backend(profile)
+    return DlibFaceAnalyzer.landmark_count if backend == "dlib" else InsightFaceAnalyzer.landmark_count
+
+
 def build_face_analyzer(face: FaceParams, profile: str = "tiny") -> FaceAnalyzer:
     """The analyzer ``face.backend`` selects (auto: dlib for the tiny profile, insightface for sd15)."""
     backend = face.resolved_backend(profile)
