@@ -13,6 +13,7 @@ from PIL import Image
 
 from components.core.config import params_from_dict
 from components.core.metric_catalogue import edit_target, metric_info
+from components.evaluate.estimators import LandmarkRule
 from components.evaluate.metrics import (
     ClipScorer,
     aggregate,
@@ -41,7 +42,7 @@ def params(tiny_params, prepared, tmp_path_factory):
         "mlflow": {"tracking_uri": f"sqlite:///{store}/mlflow.db"},
         "evaluate": {"steps": 1, "num_identities": 3, "prompts": ["a photo of a person"], "seeds": [0],
                      "multi_prompts": ["a photo of {count} people"], "multi_id": [2, 3], "multi_groups": 1,
-                     "batch_size": 4},
+                     "batch_size": 4, "motion_reader": "landmarks"},  # real photos carry no pose/expression labels
     })
 
 
@@ -211,7 +212,7 @@ def test_scoring_known_images_single_control_multi_edit_and_missed(people, analy
     evalset = EvalSet(refs, [j for j, _ in cases], {}, "h")
     gens = [Generated(Image.fromarray(img), halves if j.kind == "multi2" else whole) for j, img in cases]
     baselines = {k: Image.fromarray(blank) for k in evalset.baselines()}
-    rows = score(evalset, gens, baselines, FaceCache(analyzer), clip, "landmarks")
+    rows = score(evalset, gens, baselines, FaceCache(analyzer), clip, LandmarkRule())
 
     def row(job, variant):
         (r,) = [r for r in rows if r["job"] == job and r["variant"] == variant]
@@ -269,7 +270,7 @@ def test_identical_images_with_own_and_other_tokens_give_a_lift_of_exactly_zero(
                                                              for i in range(3)]
     gens = [Generated(Image.fromarray(alt), [[0, 0, 1, 1]]) for _ in jobs]  # one image for every input
     evalset = EvalSet(refs, jobs, {}, "h")
-    agg = aggregate(score(evalset, gens, {("p", 0): Image.fromarray(alt)}, FaceCache(analyzer), clip, "none"))
+    agg = aggregate(score(evalset, gens, {("p", 0): Image.fromarray(alt)}, FaceCache(analyzer), clip, LandmarkRule()))
     assert agg["single.id_lift"] == 0.0 and agg["single.id_lift_low"] == 0.0 and agg["single.id_lift_high"] == 0.0
     assert agg["single.identification_rate"] == pytest.approx(1 / 3)  # one person identified: chance
 

@@ -38,6 +38,7 @@ def env(tiny_params, tmp_path_factory, group_photo, single_face_photo):
             **{f"evaluate.{k}": v for k, v in shipped.evaluate.model_dump(mode="json").items()
                if k not in ("checkpoint", "output")},
             "evaluate.steps": 2,
+            "evaluate.motion_reader": "landmarks",  # real photos carry no ground-truth pose/expression labels
             **{f"gate.{k}": v for k, v in shipped.gate.model_dump(mode="json").items()},
             "gate.output": str(root / "gate")}
     return {"root": root, "sets": sets, "params": tiny_params, "checks_data": PreparedData(root / "testbed"),

@@ -70,7 +70,7 @@ def count_word(n: int) -> str:
     return COUNT_WORDS.get(n, str(n))
 
 
-def _prepared(params: "Params"):
+def prepared_data(params: "Params"):
     from components.core.errors import UserError
     from components.core.shards import PreparedData
     from components.core.storage import resolve_local
@@ -140,7 +140,7 @@ def _pick_references(params: "Params", data, analyzer, other_photos: int = 3) ->
     return refs
 
 
-def build_eval_set(params: "Params", analyzer, *, clip_id: str) -> EvalSet:
+def build_eval_set(params: "Params", analyzer, *, clip_id: str, reader_id: str = "landmarks") -> EvalSet:
     """The fixed evaluation set: references from the test split, then the cases in a fixed order.
 
     Multi-ID group g of size n takes references g*n, g*n+1, ... (cyclically), so groups overlap as
@@ -152,7 +152,7 @@ def build_eval_set(params: "Params", analyzer, *, clip_id: str) -> EvalSet:
     from components.core.errors import UserError
 
     ev = params.evaluate
-    data = _prepared(params)
+    data = prepared_data(params)
     refs = _pick_references(params, data, analyzer)
     n_refs = len(refs)
     jobs: list[Job] = [Job("single", (i,), p, s) for i in range(n_refs) for p in ev.prompts for s in ev.seeds]
@@ -186,7 +186,7 @@ def build_eval_set(params: "Params", analyzer, *, clip_id: str) -> EvalSet:
         "recognizer": {"backend": backend,
                        "pack": params.face.insightface.name if backend == "insightface" else "dlib-resnet-v1"},
         "clip": clip_id,
-        "expression_estimator": ev.expression_estimator,
+        "motion_reader": reader_id,
     }
     digest = hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()
     return EvalSet(references=refs, jobs=jobs, definition=definition, hash=digest)

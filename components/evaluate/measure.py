@@ -27,13 +27,14 @@ class Measurement:
     baselines: dict
 
 
-def measure(pipe, evalset: EvalSet, params: "Params", clip, faces: FaceCache) -> Measurement:
-    """Generate the evaluation set with one pipeline and compute every metric."""
+def measure(pipe, evalset: EvalSet, params: "Params", clip, faces: FaceCache, reader) -> Measurement:
+    """Generate the evaluation set with one pipeline and compute every metric (``reader``: the expression and
+    pose reader of components.evaluate.estimators)."""
     from components.evaluate.metrics import aggregate
 
     pipe.set_progress(False)
     generated, baselines = generate(pipe, evalset, params)
-    rows = score(evalset, generated, baselines, faces, clip, params.evaluate.expression_estimator)
+    rows = score(evalset, generated, baselines, faces, clip, reader)
     return Measurement(metrics=aggregate(rows), rows=rows, generated=generated, baselines=baselines)
 
 

@@ -60,26 +60,23 @@ def _match(faces: list, evalset: EvalSet, refs_idx: tuple[int, ...]):
     return assign_faces(similarity_matrix(refs, embs))
 
 
-def _edit_values(face, target, estimator: str) -> dict:
-    """Requested motion measured on a detected face (None where not requested or not measurable)."""
+def _edit_values(image: "Image.Image", face, target, reader) -> dict:
+    """Requested motion read on a detected face by ``reader`` (None where not requested or not readable)."""
+    import numpy as np
+
     from components.evaluate.metrics import pose_error
-    from model.motion import estimate_expression
 
     out: dict[str, Any] = {"target_expression": target.expression, "target_yaw": target.yaw if target.pose_requested
                            else None, "target_pitch": target.pitch if target.pose_requested else None}
     if face is None:
         return out
-    yaw, pitch, _ = face.pose
-    out.update(yaw=round(float(yaw), 3), pitch=round(float(pitch), 3))
-    if target.pose_requested:
-        out["pose_error"] = pose_error((yaw, pitch), (target.yaw, target.pitch))
-    if target.expression is not None and estimator == "landmarks":
-        try:
-            measured = estimate_expression(face.landmarks)
-        except ValueError as err:
-            log.debug("expression not measurable: %s", err)
-        else:
-            out.update(expression=measured, expression_agree=float(measured == target.expression))
+    seen = reader.read(np.asarray(image.convert("RGB")), face)
+    if seen.yaw is not None and seen.pitch is not None:
+        out.update(yaw=round(seen.yaw, 3), pitch=round(seen.pitch, 3))
+        if target.pose_requested:
+            out["pose_error"] = pose_error((seen.yaw, seen.pitch), (target.yaw, target.pitch))
+    if target.expression is not None and seen.expression is not None:
+        out.update(expression=seen.expression, expression_agree=float(seen.expression == target.expression))
     return out
 
 
@@ -124,7 +121,7 @@ def _single_row(i: int, job: Job, evalset: EvalSet, image, faces: "FaceCache", c
 
 
 def score(evalset: EvalSet, generated: list[Generated], baselines: dict, faces: FaceCache, clip,
-          estimator: str) -> list[dict]:
+          reader) -> list[dict]:
     """Per-sample rows: one per (generated image, person) and variant (see SAMPLE_COLUMNS).
 
     single: ``id`` (own photo), ``shuffled`` (another person's photo, same prompt and seed, compared with this
@@ -161,13 +158,14 @@ def score(evalset: EvalSet, generated: list[Generated], baselines: dict, faces: 
             face = detected[0] if detected else None
             sim = cosine(face.embedding, ref.embedding) if face is not None else 0.0
             rows.append(_row("edit", "edit", i, job, evalset, 0, detected=face is not None, id_similarity=sim,
-                             clip_t=float(job_clip[i]), **_edit_values(face, target, estimator)))
+                             clip_t=float(job_clip[i]), **_edit_values(gen.image, face, target, reader)))
             j0 = single_index[(job.refs, job.prompt, job.seed)]
-            pf = faces.faces(generated[j0].image)
+            plain = generated[j0].image
+            pf = faces.faces(plain)
             pface = pf[0] if pf else None
             rows.append(_row("edit", "unedited", i, job, evalset, 0, detected=pface is not None,
                              id_similarity=cosine(pface.embedding, ref.embedding) if pface is not None else 0.0,
-                             clip_t=float(job_clip[j0]), **_edit_values(pface, target, estimator)))
+                             clip_t=float(job_clip[j0]), **_edit_values(plain, pface, target, reader)))
             continue
         match = _match(detected, evalset, job.refs)
         base_match = _match(faces.faces(baselines[(job.prompt, job.seed)]), evalset, job.refs)

@@ -35,7 +35,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from components.evaluate.evalset import EvalSet, build_eval_set
+from components.evaluate.estimators import motion_reader
+from components.evaluate.evalset import EvalSet, build_eval_set, prepared_data
 from components.evaluate.grids import write_grids
 from components.evaluate.measure import learning_check_records, measure, resolve_checkpoint
 from components.evaluate.scoring import SAMPLE_COLUMNS, FaceCache
@@ -114,7 +115,11 @@ def evaluate(params: "Params", checkpoint: str, output: str | Path) -> dict:
             raise UserError(str(err)) from None
         clip_id = (f"tiny-clip-{tiny_clip_fingerprint(params.model.tiny)}" if not params.evaluate.clip_model
                    else params.evaluate.clip_model)
-        evalset = build_eval_set(params, analyzer, clip_id=clip_id)
+        try:
+            reader = motion_reader(params, prepared_data(params), analyzer)
+        except FaceAnalysisError as err:
+            raise UserError(str(err)) from None
+        evalset = build_eval_set(params, analyzer, clip_id=clip_id, reader_id=reader.name)
         log.info("evaluation set %s: %d references, %d cases, %d baselines", evalset.hash[:12],
                  len(evalset.references), len(evalset.jobs), len(evalset.baselines()))
         try:
@@ -123,7 +128,7 @@ def evaluate(params: "Params", checkpoint: str, output: str | Path) -> dict:
             raise UserError(f"checkpoint {checkpoint}: {err}") from None
         clip = ClipScorer(clip_path, device=str(pipe.device))
         faces = FaceCache(analyzer)
-        result = measure(pipe, evalset, params, clip, faces)
+        result = measure(pipe, evalset, params, clip, faces, reader)
         del pipe
         checks = learning_check_records(ckpt)
 
@@ -140,7 +145,7 @@ def evaluate(params: "Params", checkpoint: str, output: str | Path) -> dict:
         "checkpoint": public_uri(str(checkpoint)), "checkpoint_dir": str(ckpt), "checkpoint_digest": digest,
         "eval_set_hash": evalset.hash, **{k: tags[k] for k in ("git_commit", "params_hash", "data_version",
                                                                 "profile", "face_backend")},
-        "counts": counts(evalset, result.rows), "learning_checks": checks,
+        "counts": counts(evalset, result.rows), "learning_checks": checks, "motion_reader": reader.meta,
         "not_measured": sorted(k for k, v in result.metrics.items() if v is None),
         "grids": [str(p.relative_to(out)) for p in grids],
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

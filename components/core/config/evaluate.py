@@ -36,8 +36,10 @@ class EvaluateParams(StrictModel):
     multi_groups: int = Field(1, ge=1, description="groups of references per identity count")
     edits: list[str] = Field(["the expression is happy", "the face is turned to the left"],
                              description="expression/pose edits, in face-prompt words (model.motion)")
-    expression_estimator: Literal["landmarks", "none"] = Field(
-        "landmarks", description="landmarks = model.motion.estimate_expression; none = no expression agreement")
+    motion_reader: Literal["trained", "landmarks"] = Field(
+        "trained", description="how expression and pose are read from generated faces: trained = a small CNN fitted "
+        "to the prepared training split's ground-truth labels (annotation records; for the test bed the renderer's), "
+        "independent of the landmark rule; landmarks = that rule (for comparison only)")
     clip_model: str | None = Field(None, description="CLIPModel dir or s3:// URI for CLIP-T; null = the seeded "
                                    "tiny CLIP (tiny profile only; a plumbing check, not a score)")
     batch_size: int = Field(4, ge=1, description="images per pipeline call")
