@@ -21,12 +21,25 @@ from model.dynamicid import DynamicID, build_dynamicid
 log = logging.getLogger(__name__)
 
 
+class _NoTorchvisionNotice(logging.Filter):
+    """transformers 5 announces, once per image processor class imported, that it falls back to the PIL
+    implementation without torchvision. We use the PIL processors on purpose (torchvision is not in the stack)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
 def quiet_hf_progress() -> None:
-    """transformers 5 prints a progress bar per load/save; one line per model is noise in our logs."""
+    """transformers 5 prints a progress bar per load/save and a torchvision notice per image processor; neither
+    says anything about our runs, so both are kept out of the logs."""
     try:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        root = hf_logging.get_logger("transformers")
+        for handler in [*root.handlers, *logging.getLogger().handlers]:
+            if not any(isinstance(f, _NoTorchvisionNotice) for f in handler.filters):
+                handler.addFilter(_NoTorchvisionNotice())
     except ImportError:  # pragma: no cover - transformers always present with the model extra
         pass
 

@@ -633,3 +633,16 @@ def test_sd15_profile_skips_the_base_stage(tmp_path):
 
 
 # (the learning checks and their statistics: tests/test_learning_checks.py)
+
+
+def test_importing_the_diffusers_pipelines_prints_no_torchvision_notice():
+    """transformers announces its PIL fallback for every image processor class; `make run` must not show it."""
+    import subprocess
+    import sys
+
+    code = ("from model.loading import quiet_hf_progress; quiet_hf_progress(); "
+            "from diffusers import StableDiffusionPipeline; print('imported')")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    assert run.returncode == 0 and run.stdout.strip() == "imported", run.stderr[-2000:]
+    assert "torchvision" not in run.stderr, run.stderr[-2000:]
