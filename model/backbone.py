@@ -241,8 +241,10 @@ def load_backbone(base_dir: str | Path, image_encoder_dir: str | Path | None = N
     if not enc_dir.is_dir():
         raise FileNotFoundError(f"CLIP image encoder not found at {enc_dir}")
     kw = {"local_files_only": True}
-    unet = UNet2DConditionModel.from_pretrained(base / "unet", **kw)
-    vae = AutoencoderKL.from_pretrained(base / "vae", **kw)
+    # accelerate is not in the stack: say so, instead of letting diffusers warn on every load that it is missing
+    dkw = {**kw, "low_cpu_mem_usage": False}
+    unet = UNet2DConditionModel.from_pretrained(base / "unet", **dkw)
+    vae = AutoencoderKL.from_pretrained(base / "vae", **dkw)
     text_encoder = CLIPTextModel.from_pretrained(base / "text_encoder", **kw)
     tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer", **kw)
     tokenizer.model_max_length = min(int(tokenizer.model_max_length), TEXT_MAX_LENGTH)

@@ -635,14 +635,17 @@ def test_sd15_profile_skips_the_base_stage(tmp_path):
 # (the learning checks and their statistics: tests/test_learning_checks.py)
 
 
-def test_importing_the_diffusers_pipelines_prints_no_torchvision_notice():
-    """transformers announces its PIL fallback for every image processor class; `make run` must not show it."""
+def test_loading_the_base_and_the_pipelines_prints_no_library_notices(cache_dir):
+    """transformers announces its PIL fallback for every image processor class and diffusers asks for accelerate on
+    every load; `make run` must show neither."""
     import subprocess
     import sys
 
-    code = ("from model.loading import quiet_hf_progress; quiet_hf_progress(); "
-            "from diffusers import StableDiffusionPipeline; print('imported')")
+    code = ("from model.loading import load_backbone_for; from components.core.config import params_from_dict; "
+            f"p = params_from_dict({{'storage': {{'cache_dir': {str(cache_dir)!r}}}}}); "
+            "load_backbone_for(p.model, p.storage.cache_dir); "
+            "from diffusers import StableDiffusionPipeline; print('loaded')")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-    assert run.returncode == 0 and run.stdout.strip() == "imported", run.stderr[-2000:]
-    assert "torchvision" not in run.stderr, run.stderr[-2000:]
+    assert run.returncode == 0 and run.stdout.strip() == "loaded", run.stderr[-2000:]
+    assert "torchvision" not in run.stderr and "accelerate" not in run.stderr, run.stderr[-2000:]

@@ -101,7 +101,7 @@ def run_base(run: StageRun) -> dict[str, float]:
             from diffusers import AutoencoderKL
 
             log.info("VAE phase already complete: %s", vae_dir)
-            bb.vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True).to(dist.device)
+            bb.vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True, low_cpu_mem_usage=False).to(dist.device)
             metrics["latent_scale"] = float(bb.vae.config.scaling_factor)
         bb.vae.requires_grad_(False).eval()
         place(bb.vae, dist.device, frozen_dtype(params, dist.device))
