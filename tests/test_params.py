@@ -77,3 +77,16 @@ def test_partial_profile_section_keeps_profile_defaults():
     assert p.model.tiny.imr.width == 64 and p.model.tiny.imr.landmark_size == 48
     assert p.model.tiny.face_encoder.heads == 2 and p.model.tiny.face_encoder.depth == 3
     assert p.model.sd15.imr.width == 1024
+
+
+def test_on_and_off_are_options_not_booleans(tmp_path):
+    """YAML 1.1 reads off/on/yes/no as booleans; params (like DVC) read YAML 1.2, so options keep their names."""
+    from components.core.config import load_params
+
+    p = load_params(None, ["train.compile_unet=off", "serve.fast_path=off", "gate.promote=yes",
+                           "model.saa.gating=false"])
+    assert p.train.compile_unet == "off" and p.serve.fast_path == "off"
+    assert p.gate.promote is True and p.model.saa.gating is False  # pydantic still takes yes / false for a bool
+    f = tmp_path / "params.yaml"
+    f.write_text("train:\n  compile_unet: on\n")
+    assert load_params(f).train.compile_unet == "on"

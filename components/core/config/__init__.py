@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -93,6 +94,25 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+class ParamsLoader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false. PyYAML follows YAML 1.1, where on/off/yes/no are booleans too, so
+    ``compile_unet: off`` or ``-S train.compile_unet=off`` would reach validation as False instead of the
+    option "off"; DVC (ruamel, YAML 1.2) reads the same file the 1.2 way."""
+
+
+ParamsLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+ParamsLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                   list("tTfF"))
+
+
+def yaml_value(text: str) -> Any:
+    """One YAML document read with YAML 1.2 booleans (see ParamsLoader)."""
+    return yaml.load(text, Loader=ParamsLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_overrides(overrides: Iterable[str]) -> dict:
     """``key.path=value`` strings (value parsed as YAML) -> nested dict, like ``dvc exp run -S``."""
     tree: dict = {}
@@ -100,7 +120,7 @@ def parse_overrides(overrides: Iterable[str]) -> dict:
         if "=" not in item:
             raise ParamsError(f"override {item!r}: expected key.path=value")
         key, raw = item.split("=", 1)
-        _set_path(tree, key.strip(), yaml.safe_load(raw))
+        _set_path(tree, key.strip(), yaml_value(raw))
     return tree
 
 
@@ -128,7 +148,7 @@ def load_params(path: str | os.PathLike | None = None, overrides: Iterable[str] 
     p = Path(path or os.environ.get(PARAMS_ENV, DEFAULT_PARAMS))
     raw: dict = {}
     if p.exists():
-        loaded = yaml.safe_load(p.read_text())
+        loaded = yaml_value(p.read_text())
         if loaded is not None and not isinstance(loaded, dict):
             raise ParamsError(f"{p}: top level must be a mapping of sections")
         raw = loaded or {}
