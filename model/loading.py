@@ -21,25 +21,31 @@ from model.dynamicid import DynamicID, build_dynamicid
 log = logging.getLogger(__name__)
 
 
-class _NoTorchvisionNotice(logging.Filter):
-    """transformers 5 announces, once per image processor class imported, that it falls back to the PIL
-    implementation without torchvision. We use the PIL processors on purpose (torchvision is not in the stack)."""
+class _LibraryNotices(logging.Filter):
+    """Notices of transformers 5 and diffusers that say nothing about our runs: the PIL fallback of every image
+    processor class (we use the PIL processors on purpose: torchvision is not in the stack), and diffusers'
+    advice on casting with ``to()`` when the list of modules to keep in float32 is empty."""
+
+    NOISE = ("requires torchvision (not installed)", "should be kept in float32: []")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "requires torchvision (not installed)" not in record.getMessage()
+        message = record.getMessage()
+        return not any(n in message for n in self.NOISE)
 
 
 def quiet_hf_progress() -> None:
-    """transformers 5 prints a progress bar per load/save and a torchvision notice per image processor; neither
-    says anything about our runs, so both are kept out of the logs."""
+    """transformers 5 prints a progress bar per load/save, and both libraries print notices (_LibraryNotices) that
+    say nothing about our runs; both are kept out of the logs."""
     try:
+        from diffusers.utils import logging as d_logging
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        root = hf_logging.get_logger("transformers")
-        for handler in [*root.handlers, *logging.getLogger().handlers]:
-            if not any(isinstance(f, _NoTorchvisionNotice) for f in handler.filters):
-                handler.addFilter(_NoTorchvisionNotice())
+        handlers = [*hf_logging.get_logger("transformers").handlers, *d_logging.get_logger("diffusers").handlers,
+                    *logging.getLogger().handlers]
+        for handler in handlers:
+            if not any(isinstance(f, _LibraryNotices) for f in handler.filters):
+                handler.addFilter(_LibraryNotices())
     except ImportError:  # pragma: no cover - transformers always present with the model extra
         pass
 

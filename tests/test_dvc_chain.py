@@ -124,3 +124,11 @@ def test_dvc_repro_runs_the_chain_gates_and_registers_a_serving_model(tmp_path, 
                             timeout=300)
     changed = set(json.loads(status.stdout or "{}"))
     assert changed == {"evaluate"}, changed
+
+    # A production-profile setting is read by the stages that train and evaluate it: they rerun.
+    params["evaluate"]["seeds"] = [0]
+    params["model"]["sd15"]["lora_rank"] = 64
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    status = subprocess.run(["dvc", "status", "--json"], cwd=repo, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert set(json.loads(status.stdout or "{}")) == {"anchor", "reconfigure", "evaluate"}

@@ -636,16 +636,18 @@ def test_sd15_profile_skips_the_base_stage(tmp_path):
 
 
 def test_loading_the_base_and_the_pipelines_prints_no_library_notices(cache_dir):
-    """transformers announces its PIL fallback for every image processor class and diffusers asks for accelerate on
-    every load; `make run` must show neither."""
+    """transformers announces its PIL fallback for every image processor class, diffusers asks for accelerate on
+    every load and advises on casting an empty list of float32 modules; `make run` must show none of it."""
     import subprocess
     import sys
 
     code = ("from model.loading import load_backbone_for; from components.core.config import params_from_dict; "
             f"p = params_from_dict({{'storage': {{'cache_dir': {str(cache_dir)!r}}}}}); "
             "load_backbone_for(p.model, p.storage.cache_dir); "
+            "from model.loading import load_pipeline; load_pipeline(p.model, p.face, None, p.storage.cache_dir); "
             "from diffusers import StableDiffusionPipeline; print('loaded')")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
     assert run.returncode == 0 and run.stdout.strip() == "loaded", run.stderr[-2000:]
-    assert "torchvision" not in run.stderr and "accelerate" not in run.stderr, run.stderr[-2000:]
+    for notice in ("torchvision", "accelerate", "float32"):
+        assert notice not in run.stderr, run.stderr[-2000:]

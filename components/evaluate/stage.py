@@ -167,8 +167,15 @@ def _fmt(v: float | None) -> str:
 
 
 def summary_table(metrics: dict[str, float | None]) -> str:
-    width = max(len(k) for k in metrics) if metrics else 10
-    return "\n".join(f"  {k:<{width}}  {_fmt(v)}" for k, v in sorted(metrics.items()))
+    """One line per metric, its 95 % interval over people beside it (the _low / _high entries folded in)."""
+    shown = {k: v for k, v in metrics.items() if not (k.endswith(("_low", "_high")) and k.rsplit("_", 1)[0] in metrics)}
+    width = max(len(k) for k in shown) if shown else 10
+    lines = []
+    for k, v in sorted(shown.items()):
+        low, high = metrics.get(f"{k}_low"), metrics.get(f"{k}_high")
+        iv = f"  [{low:.4f}, {high:.4f}]" if low is not None and high is not None else ""
+        lines.append(f"  {k:<{width}}  {_fmt(v)}{iv}".rstrip())
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- CLI
