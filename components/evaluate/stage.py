@@ -101,6 +101,9 @@ def evaluate(params: "Params", checkpoint: str, output: str | Path) -> dict:
     from model.face_analysis.backends import build_face_analyzer
     from model.face_analysis.face import FaceAnalysisError
 
+    from model.loading import quiet_hf_progress
+
+    quiet_hf_progress()  # before any transformers processor class is imported (the tiny CLIP is built below)
     t0 = time.time()
     out = Path(output)
     mlflow = setup_mlflow(params)
