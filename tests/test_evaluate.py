@@ -42,7 +42,8 @@ def params(tiny_params, prepared, tmp_path_factory):
         "mlflow": {"tracking_uri": f"sqlite:///{store}/mlflow.db"},
         "evaluate": {"steps": 1, "num_identities": 3, "prompts": ["a photo of a person"], "seeds": [0],
                      "multi_prompts": ["a photo of {count} people"], "multi_id": [2, 3], "multi_groups": 1,
-                     "batch_size": 4, "motion_reader": "landmarks"},  # real photos carry no pose/expression labels
+                     "batch_size": 4, "motion_reader": "landmarks",  # real photos carry no pose/expression labels
+                     "landmark_edits": False},  # one photo per person here: tests/test_motion_reader.py drives
     })
 
 
@@ -183,7 +184,7 @@ def test_scoring_known_images_single_control_multi_edit_and_missed(people, analy
     """Constructed generations whose answers are known: the reference photo itself pasted in (copy-paste), another
     photo of the right person, a blank image (missed face), a wrong person as the control, two people swapped,
     the same person twice, a person left out."""
-    from components.evaluate.evalset import EvalSet, Job, Reference
+    from components.evaluate.evalset import Driver, EvalSet, Job, Reference
     from components.evaluate.generation import Generated
     from components.evaluate.scoring import FaceCache, score
 
@@ -208,8 +209,10 @@ def test_scoring_known_images_single_control_multi_edit_and_missed(people, analy
         (Job("multi2", (0, 1), "r", 0), pair(alt_a, alt_a)),       # A twice
         (Job("multi2", (0, 1), "s", 0), pair(alt_a, blank)),       # B left out
         (Job("edit", (0,), "p", 0, "the face is turned to the left"), alt_a),
+        (Job("drive", (0,), "p", 0, driver=0), alt_a),              # to b's photo, labelled happy, yaw -30
     ]
-    evalset = EvalSet(refs, [j for j, _ in cases], {}, "h")
+    drivers = [Driver("b", "kb2", alt_b, "happy", -30.0, 5.0)]
+    evalset = EvalSet(refs, [j for j, _ in cases], {}, "h", drivers=drivers)
     gens = [Generated(Image.fromarray(img), halves if j.kind == "multi2" else whole) for j, img in cases]
     baselines = {k: Image.fromarray(blank) for k in evalset.baselines()}
     rows = score(evalset, gens, baselines, FaceCache(analyzer), clip, LandmarkRule())
@@ -241,6 +244,11 @@ def test_scoring_known_images_single_control_multi_edit_and_missed(people, analy
     yaw, pitch, _ = analyzer.detect(alt_a)[0].pose
     assert ed["pose_error"] == pytest.approx((abs(yaw + 35) + abs(pitch)) / 2, abs=1e-6)
     assert ed["target_yaw"] == -35.0 and ed["expression_agree"] is None  # no expression requested
+    # landmark edit: read against the driving photo's labels (expression and pose)
+    dr = row(10, "edit")
+    assert dr["kind"] == "drive" and dr["edit"] == "landmarks of kb2"
+    assert dr["pose_error"] == pytest.approx((abs(yaw + 30) + abs(pitch - 5)) / 2, abs=1e-6)
+    assert dr["target_expression"] == "happy" and dr["expression_agree"] in (0.0, 1.0)
 
     agg = aggregate(rows)
     lifts = [a["id_similarity"] - sh["a"]["id_similarity"], b["id_similarity"] - sh["b"]["id_similarity"],
@@ -256,6 +264,9 @@ def test_scoring_known_images_single_control_multi_edit_and_missed(people, analy
     un = row(9, "unedited")  # the unedited image is a's single case: the reference photo
     assert un["pose_error"] is not None and ed["pose_error"] is not None
     assert agg["edit.pose_error_gain"] == pytest.approx(un["pose_error"] - ed["pose_error"], abs=1e-5)
+    dun = row(10, "unedited")
+    assert agg["drive.pose_error_gain"] == pytest.approx(dun["pose_error"] - dr["pose_error"], abs=1e-5)
+    assert agg["drive.people"] == 1
 
 
 def test_identical_images_with_own_and_other_tokens_give_a_lift_of_exactly_zero(people, analyzer, clip):

@@ -23,7 +23,8 @@ def env(tiny_params, tmp_path_factory, group_photo, single_face_photo):
     ckpt = init_checkpoint(tiny_params.model, tiny_params.face, root / "ckpt", tiny_params.storage.cache_dir, seed=4)
     sets = {"storage.cache_dir": str(tiny_params.storage.cache_dir), "data.prepared": str(prepared),
             "evaluate.steps": 1, "evaluate.num_identities": 2, "evaluate.prompts": ["a photo of a person"],
-            "evaluate.multi_id": [], "evaluate.edits": [], "evaluate.motion_reader": "landmarks",  # test_evaluate covers the cases; here: the stores
+            "evaluate.multi_id": [], "evaluate.edits": [], "evaluate.motion_reader": "landmarks",
+            "evaluate.landmark_edits": False,  # test_evaluate covers the cases; here: the stores
             # a plumbing gate an untrained checkpoint meets: here the stores are under test, not the model
             "gate.learning_checks": False, "gate.minimums": {"single.people": 1.0}}
     return {"root": root, "ckpt": ckpt, "sets": sets}

@@ -107,3 +107,36 @@ def test_labels_from_the_landmark_rule_are_refused(data, tmp_path, params):
         ground_truth_labels(PreparedData(copy))
     with pytest.raises(UserError, match="evaluate.motion_reader: landmarks"):
         motion_reader(params, PreparedData(copy), analyzer=None)
+
+
+def test_landmark_edits_drive_each_person_to_another_held_out_photo(data, analyzer, params, cache_dir):
+    """The evaluation's landmark edits: each held-out person is driven to a photo of the next held-out person with
+    another labelled expression and a turned head; the driving photo reaches the pipeline."""
+    import numpy as np
+
+    from components.evaluate.evalset import EvalSet, build_eval_set
+    from components.evaluate.generation import generate
+    from model.loading import load_pipeline
+
+    p = params.model_copy(deep=True)
+    p.data.prepared, p.storage.cache_dir = str(data.root), str(cache_dir)
+    p.evaluate = p.evaluate.model_copy(update={"prompts": ["a photo of a person"], "seeds": [0], "multi_id": [],
+                                               "edits": [], "landmark_edits": True, "steps": 1})
+    es = build_eval_set(p, analyzer, clip_id="c")
+    n = len(es.references)
+    drives = [j for j in es.jobs if j.kind == "drive"]
+    assert n == 4 and len(drives) >= 3
+    by_key = {data.index[q]["key"]: q for q in range(len(data))}
+    for j in drives:
+        ref, drv = es.references[j.refs[0]], es.drivers[j.driver]
+        assert drv.identity == es.references[(j.refs[0] + 1) % n].identity != ref.identity
+        assert abs(drv.yaw) >= 15 and drv.expression != data.sample(by_key[ref.key]).expression
+        assert drv.key in es.definition["jobs"][es.jobs.index(j)]["driver"]
+    # one person's plain and driven images, same seed: the driving photo changes what is generated
+    j = drives[0]
+    single = next(s for s in es.jobs if s.kind == "single" and s.refs == j.refs)
+    sub = EvalSet(es.references, [single, j], es.definition, es.hash, drivers=es.drivers)
+    pipe = load_pipeline(p.model, p.face, None, p.storage.cache_dir, face_analyzer=analyzer)
+    pipe.set_progress(False)
+    images, _ = generate(pipe, sub, p)
+    assert not np.array_equal(np.asarray(images[0].image), np.asarray(images[1].image))

@@ -148,7 +148,8 @@ def env(tiny_params, tmp_path_factory, group_photo, single_face_photo):
     prepared = write_face_dataset(root / "prepared", group_photo, single_face_photo, test_identities=3)
     evaluate = {"steps": 1, "num_identities": 2, "prompts": ["a photo of a person"], "seeds": [0],
                 "multi_prompts": ["a photo of {count} people"], "multi_id": [2], "multi_groups": 1,
-                "edits": ["the face is turned to the left"], "motion_reader": "landmarks"}  # photos without labels
+                "edits": ["the face is turned to the left"], "motion_reader": "landmarks",  # photos without labels
+                "landmark_edits": False}
     # The registry machinery is exercised with a plumbing gate that untrained checkpoints meet (people were
     # measured); that the shipped gate rejects them is tests/test_gate_rejects.py.
     sets = {"storage.cache_dir": str(tiny_params.storage.cache_dir), "data.prepared": str(prepared),

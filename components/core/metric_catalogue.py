@@ -1,6 +1,7 @@
 """The metric catalogue (names, directions, meanings) and the edit-text parser: what params validation, the
 evaluation and the gate must agree on, importable without torch. Names are ``<kind>.<leaf>`` with kind
-``single``, ``multi<N>`` (N identities per image) or ``edit``.
+``single``, ``multi<N>`` (N identities per image), ``edit`` (text edits) or ``drive`` (edits to a driving
+photo's landmarks).
 """
 
 from __future__ import annotations
@@ -70,11 +71,21 @@ EDIT: dict[str, MetricInfo] = {
 }
 
 
+DRIVE: dict[str, MetricInfo] = {
+    **EDIT,
+    "id_similarity": MetricInfo("higher", _ID + ", on the output edited to a driving photo's landmarks"),
+    "detection_rate": MetricInfo("higher", "fraction of landmark-edited outputs with a detected face"),
+    "pose_error": MetricInfo("lower", "mean |measured - driving photo's| yaw and pitch in degrees"),
+    "expression_agreement": MetricInfo("higher", "fraction of landmark edits whose read expression is the driving "
+                                       "photo's labelled expression"),
+}
+
+
 # Metrics reported with a 95 % interval over people (``<name>_low`` / ``<name>_high`` next to the value).
 INTERVAL_SUFFIXES = ("_low", "_high")
 
 
-_NAME = re.compile(r"^(single|multi(\d+)|edit)\.([a-z_]+)$")
+_NAME = re.compile(r"^(single|multi(\d+)|edit|drive)\.([a-z_]+)$")
 
 
 def metric_info(name: str) -> MetricInfo:
@@ -89,11 +100,12 @@ def metric_info(name: str) -> MetricInfo:
             pass
     if m:
         kind = m.group(1)
-        table = SINGLE if kind == "single" else EDIT if kind == "edit" else MULTI if int(m.group(2)) >= 2 else None
+        table = {"single": SINGLE, "edit": EDIT, "drive": DRIVE}.get(kind) or (
+            MULTI if kind.startswith("multi") and int(m.group(2)) >= 2 else None)
     if table is None or m is None or m.group(3) not in table:
         raise KeyError(
             f"unknown metric {name!r}; known: single.<{'|'.join(SINGLE)}>, multi<N>.<{'|'.join(MULTI)}> (N >= 2), "
-            f"edit.<{'|'.join(EDIT)}>"
+            f"edit.<{'|'.join(EDIT)}>, drive.<{'|'.join(DRIVE)}>"
         )
     return table[m.group(3)]
 

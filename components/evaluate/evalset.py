@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -32,6 +32,18 @@ class Reference:
     other_keys: tuple[str, ...] = ()
 
 
+@dataclass
+class Driver:
+    """A held-out photo whose face's landmarks are a landmark edit's target, with its labelled motion."""
+
+    identity: str
+    key: str
+    image: "np.ndarray"  # [H, W, 3] uint8, given to the pipeline as driving_image
+    expression: str
+    yaw: float
+    pitch: float
+
+
 @dataclass(frozen=True)
 class Job:
     """One generation with ID injection on: which references, prompt, seed, optional edit.
@@ -40,12 +52,13 @@ class Job:
     seed with another held-out person's photo (``refs``), measured against ``against``'s reference.
     """
 
-    kind: str                # single | shuffled | multi<N> | edit
+    kind: str                # single | shuffled | multi<N> | edit | drive
     refs: tuple[int, ...]    # indices into EvalSet.references whose photos are given to the pipeline
     prompt: str
     seed: int
     edit: str | None = None
     against: int | None = None  # shuffled only: the reference the image is compared with
+    driver: int | None = None   # drive only: index into EvalSet.drivers
 
 
 @dataclass
@@ -54,6 +67,7 @@ class EvalSet:
     jobs: list[Job]
     definition: dict[str, Any]
     hash: str
+    drivers: list[Driver] = field(default_factory=list)
 
     def baselines(self) -> list[tuple[str, int]]:
         """Unique (prompt, seed) pairs generated with ID injection off. The ID-off image does not
@@ -61,7 +75,7 @@ class EvalSet:
         baseline serves every case with that prompt and seed."""
         seen: dict[tuple[str, int], None] = {}
         for j in self.jobs:
-            if j.kind not in ("edit", "shuffled"):
+            if j.kind not in ("edit", "shuffled", "drive"):
                 seen.setdefault((j.prompt, j.seed), None)
         return list(seen)
 
@@ -140,6 +154,34 @@ def _pick_references(params: "Params", data, analyzer, other_photos: int = 3) ->
     return refs
 
 
+def _pick_drivers(params: "Params", data, analyzer, refs: list[Reference]) -> list[Driver | None]:
+    """Per reference i, a driving photo of the next held-out person (i + 1 mod N) whose labelled expression differs
+    from reference i's photo and whose head is turned (|yaw| >= 15): a landmark edit that asks for a visible
+    change. The first such photo (in position order) the detector finds a face on; None when there is none."""
+    from model.face_analysis.face import FaceAnalysisError
+
+    by_key = {data.index[p]["key"]: p for p in range(len(data))}
+    ids = data.identities(params.evaluate.split)
+    out: list[Driver | None] = []
+    for i, ref in enumerate(refs):
+        own = data.sample(by_key[ref.key]) if ref.key in by_key else None
+        other = refs[(i + 1) % len(refs)].identity
+        found = None
+        for pos in ids.get(other, []):
+            s = data.sample(pos)
+            if (own is not None and s.expression == own.expression) or abs(float(s.yaw)) < 15.0:
+                continue
+            image = _reference_image(params, s)
+            try:
+                _detect(params, analyzer, image, f"driving photo {s.key}")
+            except FaceAnalysisError:
+                continue
+            found = Driver(other, s.key, image, s.expression, float(s.yaw), float(s.pitch))
+            break
+        out.append(found)
+    return out
+
+
 def build_eval_set(params: "Params", analyzer, *, clip_id: str, reader_id: str = "landmarks") -> EvalSet:
     """The fixed evaluation set: references from the test split, then the cases in a fixed order.
 
@@ -172,6 +214,12 @@ def build_eval_set(params: "Params", analyzer, *, clip_id: str, reader_id: str =
         jobs += [Job(f"multi{n}", grp, p.replace("{count}", count_word(n)), s)
                  for grp in groups for p in ev.multi_prompts for s in ev.seeds]
     jobs += [Job("edit", (i,), ev.prompts[0], s, e) for i in range(n_refs) for e in ev.edits for s in ev.seeds]
+    drivers: list[Driver] = []
+    if ev.landmark_edits and n_refs > 1:
+        for i, drv in enumerate(_pick_drivers(params, data, analyzer, refs)):
+            if drv is not None:
+                drivers.append(drv)
+                jobs += [Job("drive", (i,), ev.prompts[0], s, driver=len(drivers) - 1) for s in ev.seeds]
     backend = params.face.resolved_backend(params.model.profile)
     definition = {
         "version": 2,
@@ -179,7 +227,8 @@ def build_eval_set(params: "Params", analyzer, *, clip_id: str, reader_id: str =
         "reference_image": ev.reference_image,
         "references": [{"identity": r.identity, "key": r.key, "others": list(r.other_keys)} for r in refs],
         "jobs": [{"kind": j.kind, "refs": list(j.refs), "prompt": j.prompt, "seed": j.seed, "edit": j.edit,
-                  **({"against": j.against} if j.against is not None else {})} for j in jobs],
+                  **({"against": j.against} if j.against is not None else {}),
+                  **({"driver": drivers[j.driver].key} if j.driver is not None else {})} for j in jobs],
         "generation": {"steps": ev.steps, "guidance_scale": ev.guidance_scale, "id_scale": resolved_id_scale(params),
                        "negative_prompt": ev.negative_prompt, "profile": params.model.profile,
                        "resolution": params.model.active.resolution},
@@ -189,7 +238,7 @@ def build_eval_set(params: "Params", analyzer, *, clip_id: str, reader_id: str =
         "motion_reader": reader_id,
     }
     digest = hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()
-    return EvalSet(references=refs, jobs=jobs, definition=definition, hash=digest)
+    return EvalSet(references=refs, jobs=jobs, definition=definition, hash=digest, drivers=drivers)
 
 
 def resolved_id_scale(params: "Params") -> float:

@@ -41,7 +41,9 @@ def generate(pipe, evalset: EvalSet, params: "Params") -> tuple[list[Generated],
     with tqdm(total=len(evalset.jobs) + len(base_keys), desc="evaluate: generating", unit="img") as bar:
         for batch in batches:
             jobs = [evalset.jobs[i] for i in batch]
-            ids = [[IdentityInput(image=evalset.references[r].image, expression=j.edit) for r in j.refs] for j in jobs]
+            ids = [[IdentityInput(image=evalset.references[r].image, expression=j.edit,
+                                  driving_image=None if j.driver is None else evalset.drivers[j.driver].image)
+                    for r in j.refs] for j in jobs]
             out = pipe([j.prompt for j in jobs], ids, seed=[j.seed for j in jobs], id_scale=id_scale, **common)
             for b, i in enumerate(batch):
                 results[i] = Generated(out.images[b], [r.region for r in out.identities[b]])

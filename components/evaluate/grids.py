@@ -21,8 +21,9 @@ def _font():
 def write_grids(evalset: EvalSet, generated: list[Generated], baselines: dict, rows: list[dict], out_dir: Path,
                 grid_rows: int, cell: int) -> list[Path]:
     """PNG pages per kind: references | generated | another person's photo (the control) | ID off for single
-    cases, references | generated | ID off for multi-ID, reference | unedited | edited for edits. A caption under
-    each row gives seed, similarities to the reference and CLIP-T; the control's rows are shown beside their case."""
+    cases; references | generated | ID off for multi-ID; reference | unedited | edited for text edits; reference |
+    driving photo | unedited | edited for landmark edits. A caption under each row gives seed, similarities to the
+    reference and CLIP-T; the control's rows are shown beside their case."""
     from PIL import Image, ImageDraw
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -40,6 +41,8 @@ def write_grids(evalset: EvalSet, generated: list[Generated], baselines: dict, r
         n = len(evalset.jobs[idxs[0]].refs)
         if kind == "edit":
             shown = ["unedited", "edited"]
+        elif kind == "drive":
+            shown = ["driving photo", "unedited", "edited"]
         elif kind == "single" and control:
             shown = ["generated", "other's photo", "ID off"]
         else:
@@ -56,7 +59,9 @@ def write_grids(evalset: EvalSet, generated: list[Generated], baselines: dict, r
                 job = evalset.jobs[i]
                 y = header_h + row_no * (cell + caption_h)
                 tiles = [Image.fromarray(evalset.references[r].image) for r in job.refs]
-                if kind == "edit":
+                if kind in ("edit", "drive"):
+                    if kind == "drive":
+                        tiles.append(Image.fromarray(evalset.drivers[job.driver].image))
                     tiles += [generated[single_index[(job.refs, job.prompt, job.seed)]].image, generated[i].image]
                 else:
                     c_i = control.get((job.refs[0], job.prompt, job.seed)) if kind == "single" else None
@@ -68,7 +73,9 @@ def write_grids(evalset: EvalSet, generated: list[Generated], baselines: dict, r
                 first = next(r for r in jr if r["variant"] in ("id", "edit"))
                 sims = "/".join(f"{r['id_similarity']:.2f}" for r in jr if r["variant"] in ("id", "edit"))
                 base = "/".join(f"{r['id_similarity']:.2f}" for r in jr if r["variant"] in ("baseline", "unedited"))
-                label = job.edit if kind == "edit" else job.prompt
+                label = job.edit if kind == "edit" else (
+                    f"to {evalset.drivers[job.driver].key}: {evalset.drivers[job.driver].expression}, "
+                    f"yaw {evalset.drivers[job.driver].yaw:+.0f}" if kind == "drive" else job.prompt)
                 other = ""
                 if kind == "single" and c_i is not None:
                     other = " other " + "/".join(f"{r['id_similarity']:.2f}" for r in by_job[c_i])

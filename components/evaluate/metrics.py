@@ -157,25 +157,25 @@ def aggregate(rows: Sequence[dict]) -> dict[str, float | None]:
     for kind in sorted({r["kind"] for r in rows}):
         krows = [r for r in rows if r["kind"] == kind]
         by = {v: [r for r in krows if r["variant"] == v] for v in {r["variant"] for r in krows}}
-        main = by.get("edit" if kind == "edit" else "id", [])
+        main = by.get("edit" if kind in ("edit", "drive") else "id", [])
         who = [r["identity"] for r in main]
         out[f"{kind}.people"] = float(len(set(who)))
         _put(out, f"{kind}.id_similarity", [r["id_similarity"] for r in main], who)
-        if kind == "edit":
+        if kind in ("edit", "drive"):
             un = {r["job"]: r for r in by.get("unedited", [])}
             unedited = by.get("unedited", [])
-            _put(out, "edit.detection_rate", [float(r["detected"]) for r in main], who)
-            _put(out, "edit.pose_error", [r["pose_error"] for r in main], who)
-            _put(out, "edit.expression_agreement", [r["expression_agree"] for r in main], who)
-            _put(out, "edit.baseline_pose_error", [r["pose_error"] for r in unedited],
+            _put(out, f"{kind}.detection_rate", [float(r["detected"]) for r in main], who)
+            _put(out, f"{kind}.pose_error", [r["pose_error"] for r in main], who)
+            _put(out, f"{kind}.expression_agreement", [r["expression_agree"] for r in main], who)
+            _put(out, f"{kind}.baseline_pose_error", [r["pose_error"] for r in unedited],
                  [r["identity"] for r in unedited])
-            _put(out, "edit.baseline_expression_agreement", [r["expression_agree"] for r in unedited],
+            _put(out, f"{kind}.baseline_expression_agreement", [r["expression_agree"] for r in unedited],
                  [r["identity"] for r in unedited])
             gain, people = _paired(by.get("unedited", []), {(r["job"],): r for r in main}, lambda r: (r["job"],),
                                    "pose_error")
-            _put(out, "edit.pose_error_gain", gain, people)
+            _put(out, f"{kind}.pose_error_gain", gain, people)
             gain, people = _paired(main, {(j,): r for j, r in un.items()}, lambda r: (r["job"],), "expression_agree")
-            _put(out, "edit.expression_agreement_gain", gain, people)
+            _put(out, f"{kind}.expression_agreement_gain", gain, people)
             continue
         base = by.get("baseline", [])
         key = lambda r: (r["identity"], r["prompt"], r["seed"], r["group"])  # noqa: E731

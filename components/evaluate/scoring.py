@@ -12,6 +12,8 @@ from components.evaluate.generation import Generated
 if TYPE_CHECKING:
     from PIL import Image
 
+    from components.core.metric_catalogue import EditTarget
+
 log = logging.getLogger(__name__)
 
 
@@ -44,7 +46,8 @@ def _row(kind: str, variant: str, job_index: int, job: Job, evalset: EvalSet, pe
     row = {c: None for c in SAMPLE_COLUMNS}
     row.update(kind=kind, variant=variant, job=job_index,
                group="+".join(evalset.references[r].identity for r in job.refs), identity=ref.identity,
-               person=person, prompt=job.prompt, seed=job.seed, edit=job.edit or "")
+               person=person, prompt=job.prompt, seed=job.seed,
+               edit=job.edit or ("" if job.driver is None else f"landmarks of {evalset.drivers[job.driver].key}"))
     row.update(values)
     return row
 
@@ -120,13 +123,22 @@ def _single_row(i: int, job: Job, evalset: EvalSet, image, faces: "FaceCache", c
     return row
 
 
+def driver_target(driver) -> "EditTarget":
+    """What a landmark edit asks for: the driving photo's labelled expression and head pose."""
+    from components.core.metric_catalogue import EditTarget
+
+    return EditTarget(text=f"landmarks of {driver.key}", expression=driver.expression, yaw=driver.yaw,
+                      pitch=driver.pitch, pose_requested=True)
+
+
 def score(evalset: EvalSet, generated: list[Generated], baselines: dict, faces: FaceCache, clip,
           reader) -> list[dict]:
     """Per-sample rows: one per (generated image, person) and variant (see SAMPLE_COLUMNS).
 
     single: ``id`` (own photo), ``shuffled`` (another person's photo, same prompt and seed, compared with this
     person's reference) and ``baseline`` (ID off); multi<N>: ``id`` and ``baseline`` per person after matching;
-    edit: ``edit`` and ``unedited`` (the single image of the same person, prompt and seed).
+    edit (text) and drive (a driving photo's landmarks): ``edit`` and ``unedited`` (the single image of the same
+    person, prompt and seed), both read against what the edit asks for.
     """
     from tqdm import tqdm
 
@@ -152,18 +164,18 @@ def score(evalset: EvalSet, generated: list[Generated], baselines: dict, faces: 
                                      int(job.against)))
             continue
         detected = faces.faces(gen.image)
-        if job.kind == "edit":
+        if job.kind in ("edit", "drive"):
             ref = evalset.references[job.refs[0]]
-            target = edit_target(job.edit)
+            target = edit_target(job.edit) if job.kind == "edit" else driver_target(evalset.drivers[job.driver])
             face = detected[0] if detected else None
             sim = cosine(face.embedding, ref.embedding) if face is not None else 0.0
-            rows.append(_row("edit", "edit", i, job, evalset, 0, detected=face is not None, id_similarity=sim,
+            rows.append(_row(job.kind, "edit", i, job, evalset, 0, detected=face is not None, id_similarity=sim,
                              clip_t=float(job_clip[i]), **_edit_values(gen.image, face, target, reader)))
             j0 = single_index[(job.refs, job.prompt, job.seed)]
             plain = generated[j0].image
             pf = faces.faces(plain)
             pface = pf[0] if pf else None
-            rows.append(_row("edit", "unedited", i, job, evalset, 0, detected=pface is not None,
+            rows.append(_row(job.kind, "unedited", i, job, evalset, 0, detected=pface is not None,
                              id_similarity=cosine(pface.embedding, ref.embedding) if pface is not None else 0.0,
                              clip_t=float(job_clip[j0]), **_edit_values(plain, pface, target, reader)))
             continue

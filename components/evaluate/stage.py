@@ -56,8 +56,10 @@ def counts(evalset: EvalSet, rows: list[dict]) -> dict[str, int]:
     for kind in dict.fromkeys(j.kind for j in evalset.jobs):
         out[f"{kind}.cases"] = sum(1 for j in evalset.jobs if j.kind == kind)
     out["people"] = len(evalset.references)
-    out["edit.pose_measured"] = sum(1 for r in rows if r["variant"] == "edit" and r["pose_error"] is not None)
-    out["edit.expression_measured"] = sum(1 for r in rows if r["variant"] == "edit"
+    for kind in ("edit", "drive"):
+        out[f"{kind}.pose_measured"] = sum(1 for r in rows if r["kind"] == kind and r["variant"] == "edit"
+                                           and r["pose_error"] is not None)
+    out["edit.expression_measured"] = sum(1 for r in rows if r["kind"] == "edit" and r["variant"] == "edit"
                                           and r["expression_agree"] is not None)
     return out
 

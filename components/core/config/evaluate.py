@@ -36,6 +36,9 @@ class EvaluateParams(StrictModel):
     multi_groups: int = Field(1, ge=1, description="groups of references per identity count")
     edits: list[str] = Field(["the expression is happy", "the face is turned to the left"],
                              description="expression/pose edits, in face-prompt words (model.motion)")
+    landmark_edits: bool = Field(True, description="also edit each held-out person to the landmarks of another "
+                                 "held-out person's photo (a driving photo with a different labelled expression "
+                                 "and a turned head) and read the result against that photo's labels")
     motion_reader: Literal["trained", "landmarks"] = Field(
         "trained", description="how expression and pose are read from generated faces: trained = a small CNN fitted "
         "to the prepared training split's ground-truth labels (annotation records; for the test bed the renderer's), "
