@@ -30,7 +30,7 @@ def env(tiny_params, tmp_path_factory, group_photo, single_face_photo):
     from components.train.testbed import write_testbed
 
     root = tmp_path_factory.mktemp("gate-rejects")
-    faces = write_face_dataset(root / "faces", group_photo, single_face_photo, test_identities=3)
+    faces = write_face_dataset(root / "faces", group_photo, single_face_photo, test_identities=4)  # multi4 needs 4
     write_testbed(root / "testbed", identities=6, images_per_identity=4, test_identities=3)
     shipped = load_params(REPO / "params.yaml")
     sets = {"storage.cache_dir": str(tiny_params.storage.cache_dir), "data.prepared": str(faces),
