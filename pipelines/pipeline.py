@@ -122,7 +122,7 @@ def build_pipeline(params: Params, *, cluster: bool = True) -> Callable:
 
         evaluation = place(c.evaluate(settings=settings, prepared=data, model=model), image, "evaluate", gpus=p.evaluate_gpus)
         metrics = evaluation.outputs["metrics"]
-        # The gate, the registry and the deployment change with the world (a new champion), not
+        # The gate, the registry and the deployment change with the world (a new reference, the registry), not
         # only with their inputs: never served from kfp's cache.
         decision = place(c.gate(settings=settings, model=model, metrics=metrics), image, "gate")
         decision.set_caching_options(False)
