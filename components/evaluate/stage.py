@@ -191,8 +191,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "evaluate",
         help="measure a checkpoint on the fixed evaluation set (identity, CLIP-T, multi-ID, editability)",
         description="Generate the fixed evaluation set (held-out people of the test split, params evaluate.prompts "
-        "/ seeds / edits) with each person's photo, with another person's photo (the control) and with ID "
-        "injection off; read the metrics of docs/evaluation.md back from the images, each with a 95% interval "
+        "/ seeds / edits / landmark_edits) with each person's photo, with another person's photo (the control) and "
+        "with ID injection off, plus text edits and edits to another held-out person's landmarks (a driving photo); "
+        "read the metrics of docs/evaluation.md back from the images, each with a 95% interval "
         "over people; write metrics.json, samples.csv, eval_set.json, report.json (with the checkpoint's "
         "learning-check records) and grids/*.png; everything is logged to one MLflow run.",
     )
