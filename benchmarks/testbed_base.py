@@ -135,7 +135,7 @@ def train(args: argparse.Namespace) -> None:
                      image_encoder=bb.image_encoder, scheduler=bb.scheduler)
     with tarfile.open(out / "base.tar", "w") as tar:
         tar.add(base, arcname="base")
-    record = {"command": "python -m benchmarks.testbed_base " + " ".join(sys.argv[1:]),
+    record = {"command": "python -m benchmarks.testbed_base " + " ".join(args.argv),
               "data_hash": str(arrays["data_hash"]), "images": int(len(pixels)),
               "vae_steps": args.vae_steps, "steps": unet_losses[-1][0] if unet_losses else 0,
               "steps_asked": args.steps, "batch": args.batch, "lr": args.lr,
@@ -144,12 +144,12 @@ def train(args: argparse.Namespace) -> None:
               "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
               "torch": torch.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     (out / "record.json").write_text(json.dumps(record, indent=2) + "\n")
-    _samples(base, captions, out / "samples.npz", args.seed, device)
+    _samples(base, captions, out / "samples.npz", args.seed, device, args.samples)
     print(json.dumps({k: v for k, v in record.items() if not k.endswith("_loss")}, indent=2))
 
 
-def _samples(base: Path, captions: np.ndarray, path: Path, seed: int, device) -> None:
-    """64 images from the trained base (20 DDIM steps, guidance 5) for captions of the training set."""
+def _samples(base: Path, captions: np.ndarray, path: Path, seed: int, device, count: int = 64) -> None:
+    """``count`` images from the trained base (20 DDIM steps, guidance 5) for captions of the training set."""
     import torch
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -160,7 +160,7 @@ def _samples(base: Path, captions: np.ndarray, path: Path, seed: int, device) ->
                                    scheduler=DDIMScheduler.from_config(bb.scheduler.config), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False).to(device)
     pipe.set_progress_bar_config(disable=True)
-    picks = [str(c) for c in captions[np.random.default_rng(seed).choice(len(captions), 64, replace=False)]]
+    picks = [str(c) for c in captions[np.random.default_rng(seed).choice(len(captions), count, replace=False)]]
     images = []
     for i in range(0, len(picks), 16):
         g = torch.Generator(device).manual_seed(seed + i)
@@ -185,9 +185,11 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--lr", type=float, default=5e-4)
     t.add_argument("--vae-lr", type=float, default=1e-3)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--samples", type=int, default=64, help="images generated from the trained base for the check")
     t.add_argument("--budget-s", type=float, default=float("inf"),
                    help="stop the UNet phase when this many seconds are spent (the base is saved either way)")
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.cmd == "export":
         export(args.prepared, args.out)
     else:
