@@ -90,3 +90,43 @@ def test_on_and_off_are_options_not_booleans(tmp_path):
     f = tmp_path / "params.yaml"
     f.write_text("train:\n  compile_unet: on\n")
     assert load_params(f).train.compile_unet == "on"
+
+
+def test_the_profile_alone_selects_its_schedule_and_evaluation():
+    """`-S model.profile=sd15` on the repo's params.yaml switches the training schedule, precision and evaluation;
+    a value written at the top level, or given with -S, still wins over the profile's."""
+    tiny = load_params("params.yaml")
+    assert (tiny.train.precision, tiny.train.anchor.steps, tiny.train.anchor.lr, tiny.evaluate.steps) == (
+        "fp32", 200, 3e-4, 8)
+    sd15 = load_params("params.yaml", ["model.profile=sd15"])
+    assert sd15.train.precision == "bf16" and sd15.train.weight_decay == 0.01
+    assert (sd15.train.anchor.steps, sd15.train.anchor.lr, sd15.train.anchor.micro_batch) == (20000, 1e-4, 8)
+    assert sd15.evaluate.clip_model and sd15.evaluate.steps == 30 and sd15.evaluate.motion_reader == "landmarks"
+    assert sd15.train.anchor.output == "runs/anchor"  # what does not follow the profile stays
+    mine = load_params("params.yaml", ["model.profile=sd15", "train.anchor.lr=2e-4"])
+    assert mine.train.anchor.lr == 2e-4 and mine.train.anchor.steps == 20000
+
+
+def test_profile_defaults_in_code_match_params_yaml_and_complete_a_minimal_file(tmp_path):
+    """A params file that only names the profile (the cluster's) gets the same sd15 settings as params.yaml."""
+    from components.core.config.profiles import PROFILE_DEFAULTS
+
+    assert yaml.safe_load(open("params.yaml"))["profiles"]["sd15"] == PROFILE_DEFAULTS["sd15"]
+    minimal = load_params("k8s/base/params-cluster.yaml")
+    full = load_params("params.yaml", ["model.profile=sd15"])
+    for key in ("precision", "weight_decay"):
+        assert getattr(minimal.train, key) == getattr(full.train, key)
+    assert minimal.train.anchor == full.train.anchor and minimal.train.reconfigure == full.train.reconfigure
+    assert minimal.evaluate.clip_model == full.evaluate.clip_model
+    f = tmp_path / "params.yaml"
+    f.write_text("model:\n  profile: sd15\ntrain:\n  precision: fp32\n")
+    assert load_params(f).train.precision == "fp32"  # the file's own top-level value wins
+
+
+def test_bad_profile_sections_name_their_key_path():
+    with pytest.raises(ParamsError, match=r"profiles.sd15.train.anchr: unknown key"):
+        params_from_dict({"profiles": {"sd15": {"train": {"anchr": {}}}}})
+    with pytest.raises(ParamsError, match="unknown profile 'sd21'"):
+        params_from_dict({"profiles": {"sd21": {}}})
+    with pytest.raises(ParamsError, match="may not set the profile itself"):
+        params_from_dict({"profiles": {"tiny": {"model": {"profile": "sd15"}}}})

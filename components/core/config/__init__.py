@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 
 from model.config import FaceParams, ModelParams, StrictModel
 from components.core.config.sections import (
@@ -54,6 +54,9 @@ class Params(StrictModel):
     serve: ServeParams = ServeParams()
     pipeline: PipelineParams = PipelineParams()
     deploy: DeployParams = DeployParams()
+    profiles: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="per-profile settings (tiny, sd15): applied under the top-level values "
+        "when model.profile selects the profile (components/core/config/profiles.py)")
 
 
 def _model_at(path: tuple[Any, ...]) -> type[StrictModel] | None:
@@ -69,11 +72,11 @@ def _model_at(path: tuple[Any, ...]) -> type[StrictModel] | None:
     return cls if isinstance(cls, type) and issubclass(cls, StrictModel) else None
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
+def _format_errors(err: ValidationError, source: str, prefix: str = "") -> str:
     lines = [f"{source}: invalid configuration"]
     for e in err.errors():
         loc = tuple(p for p in e["loc"])
-        key = ".".join(str(p) for p in loc) or "<root>"
+        key = prefix + (".".join(str(p) for p in loc) or "<root>")
         if e["type"] == "extra_forbidden":
             owner = _model_at(loc[:-1])
             allowed = sorted(owner.model_fields) if owner else []
@@ -132,8 +135,21 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def params_from_dict(raw: dict | None, source: str = "params") -> Params:
+    """Validate a params tree, with the chosen profile's settings (profiles.py) under its top-level values."""
+    from components.core.config.profiles import chosen_profile, merge, profile_layer
+
+    raw = dict(raw or {})
     try:
-        return Params.model_validate(raw or {})
+        layer = profile_layer(raw, chosen_profile(raw, {}))
+    except ValueError as err:
+        raise ParamsError(f"{source}: invalid configuration\n  {err}") from None
+    for name, section in (raw.get("profiles") or {}).items():
+        try:  # each profile section on its own, so that an error names its path under profiles.<name>
+            Params.model_validate(section or {})
+        except ValidationError as err:
+            raise ParamsError(_format_errors(err, source, prefix=f"profiles.{name}.")) from None
+    try:
+        return Params.model_validate(merge(layer, raw))
     except ValidationError as err:
         raise ParamsError(_format_errors(err, source)) from None
 

@@ -1,0 +1,67 @@
+"""Per-profile defaults: what changes with ``model.profile`` (the training schedule, precision, evaluation settings).
+
+The schema's own defaults are the embedded ``tiny`` profile. Choosing ``sd15`` must be enough to get a run that can
+finish (``dvc exp run -S model.profile=sd15``, or a cluster params file that sets only the profile and its paths), so
+the sd15 schedule of method.md lives here, not in every params file. Precedence, lowest first:
+
+    schema defaults  <  PROFILE_DEFAULTS[profile]  <  params file ``profiles.<profile>``  <  params file top level  <  -S
+
+so a value written at a params file's top level is always the user's decision, and ``profiles.<profile>`` holds the
+values that should follow the profile (params.yaml keeps the tiny schedule there, beside sd15's).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+PROFILES = ("tiny", "sd15")
+
+# method.md (release defaults): AdamW, lr 1e-4, weight decay 1e-2, batch 8 per GPU, 512 px, bf16. Steps sized for a
+# real data set of ~100k images on 2 x 8 GPUs: stage 1 20k steps x 8 x 16 = 2.6M samples (~25 epochs), stage 2
+# 10k steps. Evaluation with the paper's 30+ DDIM steps and a real CLIP for CLIP-T; edits read with the landmark rule,
+# since real photos carry no ground-truth expression labels for the trained reader (docs/evaluation.md).
+PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "tiny": {},
+    "sd15": {
+        "train": {
+            "precision": "bf16",
+            "weight_decay": 0.01,
+            "anchor": {"steps": 20000, "lr": 1.0e-4, "micro_batch": 8, "warmup_steps": 500},
+            "reconfigure": {"steps": 10000, "lr": 1.0e-4, "micro_batch": 4, "warmup_steps": 500},
+        },
+        "evaluate": {"steps": 30, "clip_model": "/models/clip-vit-large-patch14", "motion_reader": "landmarks"},
+    },
+}
+
+
+def merge(base: dict, extra: dict) -> dict:
+    """``extra`` over ``base``, recursively for mappings."""
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def chosen_profile(raw: dict, overrides: dict) -> str:
+    """The profile an -S override, else the file, else the schema chooses."""
+    for tree in (overrides, raw):
+        model = tree.get("model")
+        if isinstance(model, dict) and model.get("profile") is not None:
+            return str(model["profile"])
+    return "tiny"
+
+
+def profile_layer(raw: dict, profile: str) -> dict:
+    """PROFILE_DEFAULTS[profile] with the params file's ``profiles.<profile>`` over it."""
+    section = raw.get("profiles") or {}
+    if not isinstance(section, dict):
+        raise ValueError("profiles: must be a mapping of profile name -> settings")
+    unknown = sorted(set(section) - set(PROFILES))
+    if unknown:
+        raise ValueError(f"profiles: unknown profile {unknown[0]!r}; known: {', '.join(PROFILES)}")
+    own = section.get(profile) or {}
+    if not isinstance(own, dict):
+        raise ValueError(f"profiles.{profile}: must be a mapping of sections")
+    if "profiles" in own or "profile" in (own.get("model") or {}):
+        raise ValueError(f"profiles.{profile}: may not set the profile itself")
+    return merge(PROFILE_DEFAULTS.get(profile, {}), own)
