@@ -42,8 +42,8 @@ def check_no_credentials(params: Params) -> None:
 def params_settings(params: Params) -> list[str]:
     """``section=<flow YAML>`` for every section; ``parse_overrides`` reads them back unchanged.
 
-    YAML rather than JSON because the CLI parses override values with PyYAML (YAML 1.1), which
-    reads JSON's ``1e-05`` as a string. Params with credentials are refused (check_no_credentials).
+    YAML rather than JSON because the CLI parses override values with PyYAML's number rules (YAML 1.1), which
+    read JSON's ``1e-05`` as a string. Params with credentials are refused (check_no_credentials).
     """
     check_no_credentials(params)
     out = []
