@@ -30,6 +30,15 @@ def tiny_params(cache_dir):
 
 
 @pytest.fixture(scope="session")
+def init_ckpt(tiny_params, tmp_path_factory) -> Path:
+    """A freshly initialised tiny checkpoint (seed 1), read-only for the tests that share it."""
+    from model.loading import init_checkpoint
+
+    out = tmp_path_factory.mktemp("init-ckpt") / "init"
+    return init_checkpoint(tiny_params.model, tiny_params.face, out, tiny_params.storage.cache_dir, seed=1)
+
+
+@pytest.fixture(scope="session")
 def face_images_dir() -> Path:
     """insightface's wheel ships real photos: t1.jpg (6 people) and Tom_Hanks_54745.png."""
     import insightface

@@ -21,7 +21,7 @@ from PIL import Image
 
 from components.core.config import params_from_dict
 from model.face_analysis.backends import DlibFaceAnalyzer
-from model.loading import init_checkpoint, load_pipeline
+from model.loading import load_pipeline
 from model.pipeline import GenerationError, IdentityInput, face_crop_box
 from serving.errors import ServingError
 
@@ -34,9 +34,8 @@ def analyzer() -> DlibFaceAnalyzer:
 
 
 @pytest.fixture(scope="module")
-def ckpt(tiny_params, tmp_path_factory):
-    out = tmp_path_factory.mktemp("lmk-ckpt") / "init"
-    return init_checkpoint(tiny_params.model, tiny_params.face, out, tiny_params.storage.cache_dir, seed=1)
+def ckpt(init_ckpt):
+    return init_ckpt
 
 
 @pytest.fixture(scope="module")

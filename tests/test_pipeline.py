@@ -12,14 +12,13 @@ from PIL import Image
 from components.cli import main
 from components.core.config import params_from_dict
 from model.checkpoint import CheckpointError, read_manifest
-from model.loading import init_checkpoint, load_pipeline
+from model.loading import load_pipeline
 from model.pipeline import GenerationError, IdentityInput
 
 
 @pytest.fixture(scope="module")
-def ckpt(tiny_params, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ckpt") / "init"
-    return init_checkpoint(tiny_params.model, tiny_params.face, out, tiny_params.storage.cache_dir, seed=1)
+def ckpt(init_ckpt):
+    return init_ckpt
 
 
 @pytest.fixture(scope="module")

@@ -81,6 +81,11 @@ DRIVE: dict[str, MetricInfo] = {
 }
 
 
+# The learning checks (components/train/checks.py): stage -> prefix of their metrics (``<prefix>_gain``,
+# ``<prefix>_passed``, ...); training writes them, the gate and the summary read them.
+LEARNING_CHECK_PREFIX: dict[str, str] = {"anchor": "id", "reconfigure": "imr"}
+
+
 # Metrics reported with a 95 % interval over people (``<name>_low`` / ``<name>_high`` next to the value).
 INTERVAL_SUFFIXES = ("_low", "_high")
 

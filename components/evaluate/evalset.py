@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -30,6 +31,7 @@ class Reference:
     embedding: "np.ndarray"  # [D] L2-normalised, from the configured recognizer
     others: "np.ndarray | None" = None  # [K, D] embeddings of other photos of the same person (copy-paste score)
     other_keys: tuple[str, ...] = ()
+    expression: str | None = None  # the reference photo's labelled expression (a landmark edit asks for another)
 
 
 @dataclass
@@ -68,6 +70,13 @@ class EvalSet:
     definition: dict[str, Any]
     hash: str
     drivers: list[Driver] = field(default_factory=list)
+
+    @cached_property
+    def embeddings(self) -> "np.ndarray":
+        """[N, D] reference embeddings, in reference order (identification compares a face with all of them)."""
+        import numpy as np
+
+        return np.stack([r.embedding for r in self.references])
 
     def baselines(self) -> list[tuple[str, int]]:
         """Unique (prompt, seed) pairs generated with ID injection off. The ID-off image does not
@@ -134,7 +143,8 @@ def _pick_references(params: "Params", data, analyzer, other_photos: int = 3) ->
                 log.warning("evaluation set: skipping %s (%s)", sample.image, err)
                 continue
             if ref is None:
-                ref = Reference(identity=identity, key=sample.key, image=image, embedding=face.embedding)
+                ref = Reference(identity=identity, key=sample.key, image=image, embedding=face.embedding,
+                                expression=sample.expression)
             else:
                 others.append(face.embedding)
                 keys.append(sample.key)
@@ -160,16 +170,14 @@ def _pick_drivers(params: "Params", data, analyzer, refs: list[Reference]) -> li
     change. The first such photo (in position order) the detector finds a face on; None when there is none."""
     from model.face_analysis.face import FaceAnalysisError
 
-    by_key = {data.index[p]["key"]: p for p in range(len(data))}
     ids = data.identities(params.evaluate.split)
     out: list[Driver | None] = []
     for i, ref in enumerate(refs):
-        own = data.sample(by_key[ref.key]) if ref.key in by_key else None
         other = refs[(i + 1) % len(refs)].identity
         found = None
         for pos in ids.get(other, []):
             s = data.sample(pos)
-            if (own is not None and s.expression == own.expression) or abs(float(s.yaw)) < 15.0:
+            if s.expression == ref.expression or abs(float(s.yaw)) < 15.0:
                 continue
             image = _reference_image(params, s)
             try:

@@ -8,12 +8,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from components.core.metric_catalogue import LEARNING_CHECK_PREFIX
+
 if TYPE_CHECKING:
     from components.core.config.evaluate import GateParams
 
 
-# The learning checks a full DynamicID checkpoint carries, with the statistic that decides each one.
-LEARNING_CHECKS = {"anchor": "id_gain", "reconfigure": "imr_gain"}
+# How each kind of criterion is written in the table and in the failure lines.
+SYMBOLS = {"minimum": ">=", "maximum": "<=", "interval above": "interval >", "vs reference": "vs reference",
+           "learning check": "learning check"}
 
 
 @dataclass
@@ -74,7 +77,7 @@ def _above(metrics: dict[str, float | None], metric: str, limit: float) -> Check
 
 
 def _learning(stage: str, record: dict[str, Any] | None) -> Check:
-    stat = LEARNING_CHECKS[stage]
+    stat = f"{LEARNING_CHECK_PREFIX[stage]}_gain"
     name = f"learning_checks.{stage}"
     if not record:
         return Check(name, "learning check", None, None, None, False,
@@ -117,7 +120,7 @@ def check_gate(metrics: dict[str, float | None], gate: "GateParams", *,
 
     res = GateResult(reference=None if reference is None else str(reference.get("name", "reference")))
     if gate.learning_checks:
-        for stage in LEARNING_CHECKS:
+        for stage in LEARNING_CHECK_PREFIX:
             res.checks.append(_learning(stage, (learning_checks or {}).get(stage)))
     for metric, limit in sorted(gate.minimums.items()):
         res.checks.append(_bound(metrics, metric, limit, "minimum"))
@@ -161,8 +164,7 @@ def _iv(c: Check) -> str:
 
 def why(c: Check) -> str:
     """One failed criterion in words: name, value, interval, threshold and what went wrong."""
-    sym = {"minimum": ">=", "maximum": "<=", "interval above": "interval >", "vs reference": "vs reference",
-           "learning check": "learning check"}[c.check]
+    sym = SYMBOLS[c.check]
     value = "not measured" if c.value is None else f"{_num(c.value)}"
     iv = f" (95% interval {_iv(c)})" if c.low is not None else ""
     limit = "" if c.limit is None or c.check == "learning check" else f", needs {sym} {_num(c.limit)}"
@@ -178,9 +180,7 @@ def format_table(result: GateResult) -> str:
     head = ("criterion", "check", "value", "95% interval", "limit", "margin", "result", "note")
     body = []
     for c in result.checks:
-        sym = {"minimum": ">=", "maximum": "<=", "interval above": "interval >", "vs reference": "vs reference",
-               "learning check": "learning check"}[c.check]
-        body.append((c.metric, sym, _num(c.value), _iv(c), _num(c.limit), _num(c.margin),
+        body.append((c.metric, SYMBOLS[c.check], _num(c.value), _iv(c), _num(c.limit), _num(c.margin),
                      "ok" if c.passed else "FAIL", c.note))
     widths = [max(len(str(r[i])) for r in [head, *body]) for i in range(len(head))]
     return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in [head, *body])

@@ -130,11 +130,12 @@ def _put(out: dict[str, float | None], name: str, values: Sequence[float | None]
         out[f"{name}_low"], out[f"{name}_high"] = iv.low, iv.high
 
 
-def _paired(a_rows: Sequence[dict], b_rows: dict[tuple, dict], key, column: str) -> tuple[list, list]:
-    """a - b per pair (rows of b looked up by ``key`` of a row), with the person of each pair."""
+def _paired(a_rows: Sequence[dict], b_rows: Sequence[dict], key, column: str) -> tuple[list, list]:
+    """a - b of ``column`` per pair (the row of b with the same ``key``), with the person of each pair."""
+    lookup = {key(r): r for r in b_rows}
     values, people = [], []
     for r in a_rows:
-        other = b_rows.get(key(r))
+        other = lookup.get(key(r))
         if other is None or r[column] is None or other[column] is None:
             continue
         values.append(float(r[column]) - float(other[column]))
@@ -162,8 +163,8 @@ def aggregate(rows: Sequence[dict]) -> dict[str, float | None]:
         out[f"{kind}.people"] = float(len(set(who)))
         _put(out, f"{kind}.id_similarity", [r["id_similarity"] for r in main], who)
         if kind in ("edit", "drive"):
-            un = {r["job"]: r for r in by.get("unedited", [])}
             unedited = by.get("unedited", [])
+            job = lambda r: r["job"]  # noqa: E731 - an edit and its unedited row share the job
             _put(out, f"{kind}.detection_rate", [float(r["detected"]) for r in main], who)
             _put(out, f"{kind}.pose_error", [r["pose_error"] for r in main], who)
             _put(out, f"{kind}.expression_agreement", [r["expression_agree"] for r in main], who)
@@ -171,19 +172,15 @@ def aggregate(rows: Sequence[dict]) -> dict[str, float | None]:
                  [r["identity"] for r in unedited])
             _put(out, f"{kind}.baseline_expression_agreement", [r["expression_agree"] for r in unedited],
                  [r["identity"] for r in unedited])
-            gain, people = _paired(by.get("unedited", []), {(r["job"],): r for r in main}, lambda r: (r["job"],),
-                                   "pose_error")
-            _put(out, f"{kind}.pose_error_gain", gain, people)
-            gain, people = _paired(main, {(j,): r for j, r in un.items()}, lambda r: (r["job"],), "expression_agree")
-            _put(out, f"{kind}.expression_agreement_gain", gain, people)
+            _put(out, f"{kind}.pose_error_gain", *_paired(unedited, main, job, "pose_error"))
+            _put(out, f"{kind}.expression_agreement_gain", *_paired(main, unedited, job, "expression_agree"))
             continue
         base = by.get("baseline", [])
         key = lambda r: (r["identity"], r["prompt"], r["seed"], r["group"])  # noqa: E731
         _put(out, f"{kind}.copy_paste", [r["copy_paste"] for r in main], who)
         _put(out, f"{kind}.clip_t", [r["clip_t"] for r in main], who)
         _put(out, f"{kind}.baseline_clip_t", [r["clip_t"] for r in base], [r["identity"] for r in base])
-        delta, people = _paired(main, {key(r): r for r in base}, key, "clip_t")
-        _put(out, f"{kind}.clip_t_delta", delta, people)
+        _put(out, f"{kind}.clip_t_delta", *_paired(main, base, key, "clip_t"))
         if kind == "single":
             shuffled = by.get("shuffled", [])
             _put(out, "single.detection_rate", [float(r["detected"]) for r in main], who)
@@ -194,8 +191,7 @@ def aggregate(rows: Sequence[dict]) -> dict[str, float | None]:
             _put(out, "single.shuffled_id_similarity", [r["id_similarity"] for r in shuffled],
                  [r["identity"] for r in shuffled])
             pair = lambda r: (r["identity"], r["prompt"], r["seed"])  # noqa: E731
-            lift, people = _paired(main, {pair(r): r for r in shuffled}, pair, "id_similarity")
-            _put(out, "single.id_lift", lift, people)
+            _put(out, "single.id_lift", *_paired(main, shuffled, pair, "id_similarity"))
         else:
             _put(out, f"{kind}.confusion_rate", [_flag(r["confused"]) for r in main], who)
             _put(out, f"{kind}.missing_rate", [0.0 if r["detected"] else 1.0 for r in main], who)

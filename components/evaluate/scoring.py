@@ -103,8 +103,7 @@ def _identified(face, evalset: EvalSet, own: int) -> bool:
 
     if face is None:
         return False
-    refs = np.stack([r.embedding for r in evalset.references])
-    sims = similarity_matrix(refs, face.embedding[None])[:, 0]
+    sims = similarity_matrix(evalset.embeddings, face.embedding[None])[:, 0]
     return bool(int(np.argmax(sims)) == own)
 
 

@@ -14,6 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from components.core.metric_catalogue import LEARNING_CHECK_PREFIX
+
 # Evaluation metrics shown first (docs/evaluation.md); the gate's own metrics are added to them.
 HEADLINE = ("single.people", "single.detection_rate", "single.id_similarity", "single.id_lift",
             "single.identification_rate", "single.identification_chance", "single.clip_t", "multi2.id_similarity",
@@ -21,7 +23,6 @@ HEADLINE = ("single.people", "single.detection_rate", "single.id_similarity", "s
 SAMPLE_PHOTO = "Tom_Hanks_54745.png"  # a real face photo shipped in the insightface wheel
 # components/train/checks.py decides (the interval over held-out people lies above 0); older outputs carry none
 VERDICT = {True: "PASS", False: "FAIL", None: "no verdict recorded"}
-CHECK_PREFIX = {"anchor": "id", "reconfigure": "imr"}  # metric prefixes of components/train/checks.py
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -71,7 +72,7 @@ def collect(params) -> dict[str, Any]:
             continue
         entry = {"status": "done", "export": str(out / "export"), "steps": m.get("steps"),
                  "loss_first": m.get("loss_first"), "loss_final": m.get("loss_final")}
-        prefix = CHECK_PREFIX.get(name)  # the base stage has no learning check
+        prefix = LEARNING_CHECK_PREFIX.get(name)  # the base stage has no learning check
         check = _check(m, prefix) if prefix else None
         if check is not None:
             entry["check"] = check

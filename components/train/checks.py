@@ -188,7 +188,6 @@ def imr_check(task: "ReconfigureTask", data: "PreparedData", *, limit: int, batc
 
 # The parts whose weights decide each check's outcome (what its record is bound to).
 CHECK_PARTS = {"anchor": ("saa", "face_encoder"), "reconfigure": ("saa", "face_encoder", "imr", "keypoint_encoder")}
-CHECK_PREFIX = {"anchor": "id", "reconfigure": "imr"}
 
 
 def check_record(stage: str, found: dict[str, float], parts: dict[str, dict[str, torch.Tensor]]) -> dict:
@@ -198,7 +197,9 @@ def check_record(stage: str, found: dict[str, float], parts: dict[str, dict[str,
     from model.checkpoint import parts_digest
 
     names = CHECK_PARTS[stage]
-    record: dict = {"passed": bool(found.get(f"{CHECK_PREFIX[stage]}_passed", 0.0)), "metrics": dict(found),
+    from components.core.metric_catalogue import LEARNING_CHECK_PREFIX
+
+    record: dict = {"passed": bool(found.get(f"{LEARNING_CHECK_PREFIX[stage]}_passed", 0.0)), "metrics": dict(found),
                     "parts": list(names), "weights": parts_digest(parts, names)}
     if not found:
         record["reason"] = "no held-out people with two or more images"

@@ -17,6 +17,7 @@ from typing import Any, Iterable
 import yaml
 from pydantic import Field, ValidationError
 
+from components.core.config.profiles import merge
 from model.config import FaceParams, ModelParams, StrictModel
 from components.core.config.sections import (
     DataParams,
@@ -127,16 +128,9 @@ def parse_overrides(overrides: Iterable[str]) -> dict:
     return tree
 
 
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def params_from_dict(raw: dict | None, source: str = "params") -> Params:
     """Validate a params tree, with the chosen profile's settings (profiles.py) under its top-level values."""
-    from components.core.config.profiles import chosen_profile, merge, profile_layer
+    from components.core.config.profiles import chosen_profile, profile_layer
 
     raw = dict(raw or {})
     try:
@@ -170,7 +164,7 @@ def load_params(path: str | os.PathLike | None = None, overrides: Iterable[str] 
         raw = loaded or {}
     elif explicit:
         raise ParamsError(f"params file not found: {p}")
-    raw = _merge(raw, parse_overrides(overrides))
+    raw = merge(raw, parse_overrides(overrides))
     return params_from_dict(raw, str(p))
 
 

@@ -4,7 +4,7 @@ The schema's own defaults are the embedded ``tiny`` profile. Choosing ``sd15`` m
 finish (``dvc exp run -S model.profile=sd15``, or a cluster params file that sets only the profile and its paths), so
 the sd15 schedule of method.md lives here, not in every params file. Precedence, lowest first:
 
-    schema defaults  <  PROFILE_DEFAULTS[profile]  <  params file ``profiles.<profile>``  <  params file top level  <  -S
+    schema defaults < PROFILE_DEFAULTS[profile] < params file ``profiles.<profile>`` < params file top level < -S
 
 so a value written at a params file's top level is always the user's decision, and ``profiles.<profile>`` holds the
 values that should follow the profile (params.yaml keeps the tiny schedule there, beside sd15's).
