@@ -62,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-profile", action="store_true", help="write torch.profiler tables of whole images")
     p.add_argument("--no-ablations", action="store_true", help="skip the eager-gate step variant")
     p.add_argument("--no-checks", action="store_true")
+    p.add_argument("--release-import", action="store_true",
+                   help="step section: SAA weights from a checkpoint imported from random release-layout files "
+                   "(benchmarks/release_weights.py, issue 18)")
     p.add_argument("--compile-probe", action="store_true", help="also time a torch.compile'd UNet (slow to build)")
     p.add_argument("--server-url", default=None)
     p.add_argument("--server-payload", default=None)
@@ -287,7 +290,19 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.step_bench import StepBench
 
         rank = 128 if args.size == "sd15" else 4
-        bench = StepBench(args.size, device, args.reps, args.warmup, rank, log)
+        saa_weights = None
+        if args.release_import:
+            from benchmarks.release_weights import imported_release_checkpoint
+            from model.checkpoint import load_parts
+
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:  # ~250 MB at SD1.5 size: not a result to keep
+                manifest, parts = load_parts(imported_release_checkpoint(args.size, Path(tmp) / "ckpt"))
+            saa_weights = parts["saa"]
+            results["release_import"] = {k: manifest["release"][k] for k in ("layout_version", "sources")}
+            log(f"step section: SAA weights imported from release-layout files ({len(saa_weights)} tensors)")
+        bench = StepBench(args.size, device, args.reps, args.warmup, rank, log, saa_weights)
 
         def step() -> None:
             try:

@@ -21,17 +21,23 @@ from benchmarks.release_design import ReleaseContext, install_release
 from benchmarks.sd15 import build_unet, param_bytes
 from benchmarks.timing import GIB, GraphStep, eager_peak_bytes, free, time_calls
 from model.fast.buckets import BucketStepRunner
+from model.fast.id_state import level_grids
 from model.fast.processor import install_fast_processors
 from model.saa.context import IDContext
-from model.saa.install import install_saa, merge_lora
+from model.saa.auto_layout import AutoLayoutRule
+from model.saa.auto_run import DEFAULT_MAP_LEVEL
+from model.saa.install import install_saa, load_saa_state_dict, merge_lora
+from model.saa.layout_maps import ActivationRecorder, RoutedIDContext
 
 TEXT_LEN = 77
 PRODUCT = "saa fast [cl]"  # the fast path as enable_fast_path configures it on CUDA
 
 
 class StepBench:
-    def __init__(self, size: str, device: torch.device, reps: int, warmup: int, lora_rank: int, log: Callable):
+    def __init__(self, size: str, device: torch.device, reps: int, warmup: int, lora_rank: int, log: Callable,
+                 saa_weights: dict[str, Tensor] | None = None):
         self.device = device
+        self.saa_weights = saa_weights  # a checkpoint's SAA part (e.g. imported release weights), or random
         self.dtype = torch.float16 if device.type == "cuda" else torch.float32
         self.unet = build_unet(size, device, self.dtype)
         self.reps, self.warmup, self.lora_rank, self.log = reps, warmup, lora_rank, log
@@ -72,12 +78,16 @@ class StepBench:
         return row
 
     def runner_variant(self, variant: str, res: int, n: int, latents, t, states, precomputed: bool,
-                       boost: bool = False) -> dict:
+                       boost: bool = False, record: bool = False) -> dict:
+        """``record``: layout auto's observation step (per-identity maps recorded, copied to the request)."""
         h = latents.shape[-1]
         ctx = None
         if n:
             ctx = IDContext(num_ids=n, latent_hw=(h, h))
             ctx.boost_active = boost
+            if record:
+                grid = level_grids((h, h), len(self.unet.config.block_out_channels))[DEFAULT_MAP_LEVEL]
+                ctx.recorder = ActivationRecorder(latents.shape[0], n, 4, grid, ctx.tau, self.device)
         graph_runner = BucketStepRunner(self.unet, capture=self.device.type == "cuda", precomputed=precomputed)
         eager_runner = BucketStepRunner(self.unet, capture=False, precomputed=precomputed)
         row = self.record(variant, res, n, lambda x: graph_runner(x, t, states, ctx),
@@ -86,6 +96,29 @@ class StepBench:
         del graph_runner, eager_runner
         free(self.device)
         return row
+
+    def auto_switch(self, res: int, n: int, latents, t, states) -> None:
+        """Layout auto's one-off switch: the rule on recorded maps, then the first step with the new regions
+        (masks built on the device and copied into the bucket's buffers, no capture); vs a plain step."""
+        h = latents.shape[-1]
+        grid = level_grids((h, h), len(self.unet.config.block_out_channels))[DEFAULT_MAP_LEVEL]
+        maps = torch.rand(1, n, *grid, generator=torch.Generator().manual_seed(n)).to(self.device)
+        rule = AutoLayoutRule()
+        runner = BucketStepRunner(self.unet, capture=self.device.type == "cuda", precomputed=True)
+        runner(latents, t, states, IDContext(num_ids=n, latent_hw=(h, h)))  # capture outside the timing
+
+        def switch_step() -> Tensor:
+            boxes = rule(maps)  # [1, N, 4] on the device
+            ctx = RoutedIDContext(num_ids=n, latent_hw=(h, h), device_regions=boxes.repeat(latents.shape[0], 1, 1))
+            return runner(latents, t, states, ctx)
+
+        for variant, fn in (("auto rule only", lambda: rule(maps)), ("auto switch step", switch_step)):
+            stats = time_calls(fn, self.device, self.reps, self.warmup)
+            self.rows.append({"section": "step", "variant": f"{PRODUCT}, {variant}", "res": res, "ids": n,
+                              **stats.as_dict()})
+            self.log(f"step {PRODUCT + ', ' + variant:<28} {res} px ids={n}: {stats.median_ms:8.3f} ms")
+        runner.clear()
+        free(self.device)
 
     def eager_time(self, variant: str, res: int, n: int, latents, t, states, precomputed: bool) -> None:
         """Eager step (no graph): the launch-bound number the graphs remove."""
@@ -123,6 +156,8 @@ class StepBench:
                 self.eager_time("base", res, 0, latents, t, text, precomputed=True)
 
             install_saa(self.unet, lora_rank=self.lora_rank)
+            if self.saa_weights is not None:
+                load_saa_state_dict(self.unet, self.saa_weights)
             merge_lora(self.unet)
             for n in id_counts:
                 self.runner_variant("saa plain", res, n, latents, t, states[n], precomputed=False)
@@ -149,6 +184,10 @@ class StepBench:
             for n in id_counts:
                 self.runner_variant(PRODUCT, res, n, latents, t, states[n], precomputed=True)
             self.runner_variant(PRODUCT + ", boost step", res, 2, latents, t, states[2], precomputed=True, boost=True)
+            for n in sorted({2, max_ids}):  # layout auto: its observation steps, and the switch (issue 20)
+                self.runner_variant(PRODUCT + ", auto observe", res, n, latents, t, states[n], precomputed=True,
+                                    record=True)
+                self.auto_switch(res, n, latents, t, states[n])
             if check_here:
                 self.checks["fast_channels_last_vs_plain"] = checks.fast_vs_plain(self.unet, latents, t, states, refs)
             self.layout(False)

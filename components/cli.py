@@ -13,6 +13,7 @@ import logging
 import sys
 
 from components.core.config import ParamsError, load_params
+from components.core.config.weights import check_cli_weights
 from components.core.errors import UserError
 
 # Order is the order shown by --help; it follows the pipeline.
@@ -27,6 +28,7 @@ STAGE_MODULES = [
     "components.summary.stage",
     "components.deploy.inference_service",
     "components.generate.stage",
+    "components.release.stage",
     "serving.cli",
     "pipelines.cli",
 ]
@@ -64,11 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose + 1, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from model.notices import quiet_library_warnings
+
+    quiet_library_warnings()  # library warnings a user can do nothing about (model/notices.py)
     from components.core import redact
 
     secrets = redact.install().secrets  # logs, warnings and tracebacks carry no credentials
     try:
         params = load_params(args.params, args.overrides)
+        check_cli_weights(args, params)  # a missing weight location fails here, naming its key, before any work
         result = args.func(args, params)
     except (ParamsError, UserError) as err:
         print(f"dynamicid {args.command}: error: {redact.redact_text(str(err), secrets)}", file=sys.stderr)

@@ -190,17 +190,21 @@ def write_tiny_base(tiny: TinyProfileParams, out_dir: Path) -> Path:
     return out_dir
 
 
-def save_base(out_dir: Path, *, unet, vae, text_encoder, tokenizer, image_encoder, scheduler) -> Path:
-    """Write a base in diffusers layout (also used by the tiny ``base`` training stage)."""
+def save_base(out_dir: Path, *, unet, vae, text_encoder, tokenizer, image_encoder, scheduler,
+              profile: str = "tiny", source: str | None = None) -> Path:
+    """Write a base in diffusers layout (also used by the tiny ``base`` training stage, and for a converted
+    single-file SD1.5 checkpoint, whose image encoder is the separate ViT-H/14: ``image_encoder=None``)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     unet.save_pretrained(out_dir / "unet")
     vae.save_pretrained(out_dir / "vae")
     text_encoder.save_pretrained(out_dir / "text_encoder")
     tokenizer.save_pretrained(out_dir / "tokenizer")
-    image_encoder.save_pretrained(out_dir / "image_encoder")
+    if image_encoder is not None:
+        image_encoder.save_pretrained(out_dir / "image_encoder")
     scheduler.save_pretrained(out_dir / "scheduler")
-    (out_dir / "model_index.json").write_text(json.dumps({"_class_name": "DynamicIDBase", "profile": "tiny"}))
+    index = {"_class_name": "DynamicIDBase", "profile": profile, **({"source": source} if source else {})}
+    (out_dir / "model_index.json").write_text(json.dumps(index))
     return out_dir
 
 

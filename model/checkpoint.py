@@ -55,6 +55,26 @@ class ModelDims:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
+# Architecture variants recorded inside ``ModelDims.face_encoder`` / ``.imr`` (docs/release.md), with the value a
+# checkpoint written before they existed has: the project's own design.
+ARCHITECTURE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "face_encoder": {"proj_out": False},
+    "imr": {"norm_in": False, "motion_mlp": "dynamicid", "keypoint_encoder": "dynamicid"},
+}
+
+
+def architecture(dims: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The architecture variants of a (manifest's) dims dict, defaults filled in for older checkpoints."""
+    return {part: {k: (dims.get(part) or {}).get(k, v) for k, v in keys.items()}
+            for part, keys in ARCHITECTURE_DEFAULTS.items()}
+
+
+def with_architecture_defaults(dims: dict[str, Any]) -> dict[str, Any]:
+    """A manifest's dims with the architecture variants filled in (a checkpoint from before they existed)."""
+    arch = architecture(dims)
+    return {**dims, **{part: {**(dims.get(part) or {}), **arch[part]} for part in arch}}
+
+
 def training_settings(saa_gating: bool, saa_tau: float, face_crop_size: int) -> dict[str, Any]:
     """The inference-relevant settings a checkpoint records: SAA's gating and threshold decide which queries
     received identity during training, and the crop size fixes the CLIP features the face encoder learnt from."""
@@ -184,8 +204,8 @@ def find_checkpoint(root: str | os.PathLike, max_depth: int = 4) -> Path:
 def check_dims(manifest: dict[str, Any], expected: ModelDims) -> None:
     """Raise CheckpointError naming every field where the checkpoint and the backbone/config disagree, and every
     recorded training setting that the configuration contradicts (named by its params key)."""
-    got = manifest["dims"]
-    want = asdict(expected)
+    got = with_architecture_defaults(manifest["dims"])
+    want = with_architecture_defaults(asdict(expected))
     bad = [f"{k}: checkpoint has {got.get(k)!r}, this model needs {want[k]!r}" for k in want
            if k != "settings" and got.get(k) != want[k]]
     recorded = got.get("settings") or {}

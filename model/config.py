@@ -27,6 +27,9 @@ class SAAParams(StrictModel):
     boost: float = Field(4.0, ge=0.0, description="early-step region boost b")
     boost_steps: int = Field(3, ge=0, description="number of first denoising steps with the region boost (E)")
     id_scale: float = Field(1.0, ge=0.0, description="default scale of the ID branch")
+    compat: Literal["auto", "dynamicid", "release"] = Field(
+        "auto", description="inference conventions: auto = what the checkpoint records (release for weights "
+        "imported with `dynamicid import-release`, dynamicid otherwise); docs/release.md")
 
 
 class FaceEncoderParams(StrictModel):
@@ -38,6 +41,8 @@ class FaceEncoderParams(StrictModel):
     ff_mult: int = Field(4, ge=1)
     shortcut: bool = False
     shortcut_scale: float = 1.0
+    proj_out: bool = Field(False, description="Linear before the output LayerNorm (the research release has one); "
+                           "a checkpoint's own value wins on load")
 
 
 class IMRParams(StrictModel):
@@ -50,6 +55,12 @@ class IMRParams(StrictModel):
     landmark_size: int = Field(96, ge=16, description="side of the rendered landmark image")
     landmark_feature_dim: int = Field(768, ge=8, description="keypoint encoder output width")
     ff_mult: int = Field(4, ge=1)
+    # Architecture variants of the research release (docs/release.md); a checkpoint's own values win on load.
+    norm_in: bool = Field(False, description="LayerNorm on the incoming ID tokens before proj_in (release: on)")
+    motion_mlp: Literal["dynamicid", "release"] = Field(
+        "dynamicid", description="dynamicid: LN, Linear, GELU, Linear; release: LN, Linear, GELU, LN, Linear, GELU")
+    keypoint_encoder: Literal["dynamicid", "release"] = Field(
+        "dynamicid", description="dynamicid: 4 stride-2 convs + Linear; release: 18 Conv-BN-ReLU units (96 px only)")
 
 
 class TinyUNetParams(StrictModel):
@@ -139,7 +150,14 @@ class SD15ProfileParams(ProfileParams):
 
     base: str = Field(
         "/models/stable-diffusion-v1-5",
-        description="SD1.5 directory in diffusers layout: local path or s3:// URI (downloaded once into cache_dir)",
+        description="SD1.5 directory in diffusers layout: local path or s3:// URI (downloaded once into cache_dir); "
+        "or a single-file SD1.5 checkpoint (.safetensors / .ckpt, the original LDM key layout, local path), converted "
+        "once into cache_dir with the SD1.5 configuration shipped in model/sd15_config",
+    )
+    tokenizer: str | None = Field(
+        None, description="CLIP ViT-L/14 tokenizer folder (vocab.json, merges.txt), local path or s3:// URI; needed "
+        "when base is a single file (which holds no tokenizer), e.g. /models/clip-vit-large-patch14; "
+        "null = <base>/tokenizer",
     )
     image_encoder: str = Field(
         "/models/clip-vit-h-14/image_encoder",

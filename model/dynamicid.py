@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from model.backbone import Backbone
-from model.checkpoint import ModelDims, check_dims, load_state_strict, training_settings
+from model.checkpoint import ModelDims, architecture, check_dims, load_state_strict, training_settings
 from model.config import ModelParams, ProfileParams, SAAParams
 
 # Identity-embedding width of each face-analysis backend (ArcFace 512, dlib ResNet 128).
@@ -49,23 +49,15 @@ class DynamicID(nn.Module):
 
     def __init__(self, backbone: Backbone, dims: ModelDims):
         super().__init__()
-        from model.face_encoder import FaceEncoder
-        from model.imr import IMR, KeypointEncoder
         from model.saa.install import install_saa
 
-        fe, im = dims.face_encoder, dims.imr
         self.dims = dims
-        self.face_encoder = FaceEncoder(
-            id_dim=dims.id_dim, clip_dim=dims.clip_dim, token_dim=dims.cross_attention_dim,
-            num_tokens=dims.num_tokens, depth=fe["depth"], heads=fe["heads"], dim_head=fe["dim_head"],
-            ff_mult=fe["ff_mult"], shortcut=fe["shortcut"], shortcut_scale=fe["shortcut_scale"],
-        )
-        self.keypoint_encoder = KeypointEncoder(image_size=im["landmark_size"], feature_dim=im["landmark_feature_dim"])
-        self.imr = IMR(
-            token_dim=dims.cross_attention_dim, width=im["width"], landmark_dim=im["landmark_feature_dim"],
-            text_dim=dims.text_dim, num_latents=im["num_latents"], depth=im["depth"], heads=im["heads"],
-            dim_head=max(1, im["width"] // im["heads"]), ff_mult=im["ff_mult"],
-        )
+        # Inference conventions the loaded weights were made with ("dynamicid" or "release"); load_parts sets it
+        # from the checkpoint's settings, and model.saa.compat may override it (model.release.compat).
+        self.compat = str(dims.settings.get("model.saa.compat", "dynamicid"))
+        self.face_encoder = _face_encoder(dims)
+        self.keypoint_encoder = _keypoint_encoder(dims)
+        self.imr = _imr(dims)
         self.saa = install_saa(backbone.unet, lora_rank=dims.lora_rank)
 
     @property
@@ -88,7 +80,9 @@ class DynamicID(nn.Module):
     def load_parts(self, unet: nn.Module, manifest: dict, parts: dict[str, dict[str, torch.Tensor]]) -> None:
         from model.saa.install import load_saa_state_dict
 
+        self._adopt_architecture(architecture(manifest["dims"]))
         check_dims(manifest, self.dims)
+        self.compat = str((manifest["dims"].get("settings") or {}).get("model.saa.compat", "dynamicid"))
         for name, state in parts.items():
             if name == "saa":
                 try:
@@ -99,6 +93,57 @@ class DynamicID(nn.Module):
                     raise CheckpointError(f"saa: {err}") from None
             else:
                 load_state_strict(getattr(self, name), state, name)
+
+    def _adopt_architecture(self, arch: dict[str, dict]) -> None:
+        """Rebuild the parts whose architecture variant differs from the checkpoint's (e.g. imported release
+        weights on the default params): the variant is a property of the weights, so every consumer loads such a
+        checkpoint without configuring it. Shapes and every other dim are still checked by check_dims."""
+        mine = architecture(asdict(self.dims))
+        if arch == mine:
+            return
+        for part, values in arch.items():
+            getattr(self.dims, part).update(values)
+        ref = next(self.face_encoder.parameters())
+        if arch["face_encoder"] != mine["face_encoder"]:
+            self.face_encoder = _face_encoder(self.dims).to(ref.device, ref.dtype)
+        if arch["imr"] != mine["imr"]:
+            self.imr = _imr(self.dims).to(ref.device, ref.dtype)
+            self.keypoint_encoder = _keypoint_encoder(self.dims).to(ref.device, ref.dtype)
+
+
+def _face_encoder(dims: ModelDims) -> nn.Module:
+    from model.face_encoder import FaceEncoder
+
+    fe = dims.face_encoder
+    return FaceEncoder(
+        id_dim=dims.id_dim, clip_dim=dims.clip_dim, token_dim=dims.cross_attention_dim,
+        num_tokens=dims.num_tokens, depth=fe["depth"], heads=fe["heads"], dim_head=fe["dim_head"],
+        ff_mult=fe["ff_mult"], shortcut=fe["shortcut"], shortcut_scale=fe["shortcut_scale"],
+        proj_out=bool(fe.get("proj_out", False)),
+    )
+
+
+def _keypoint_encoder(dims: ModelDims) -> nn.Module:
+    im = dims.imr
+    if im.get("keypoint_encoder", "dynamicid") == "release":
+        from model.release.keypoint_encoder import ReleaseKeypointEncoder
+
+        return ReleaseKeypointEncoder(image_size=im["landmark_size"], feature_dim=im["landmark_feature_dim"])
+    from model.imr import KeypointEncoder
+
+    return KeypointEncoder(image_size=im["landmark_size"], feature_dim=im["landmark_feature_dim"])
+
+
+def _imr(dims: ModelDims) -> nn.Module:
+    from model.imr import IMR
+
+    im = dims.imr
+    return IMR(
+        token_dim=dims.cross_attention_dim, width=im["width"], landmark_dim=im["landmark_feature_dim"],
+        text_dim=dims.text_dim, num_latents=im["num_latents"], depth=im["depth"], heads=im["heads"],
+        dim_head=max(1, im["width"] // im["heads"]), ff_mult=im["ff_mult"],
+        norm_in=bool(im.get("norm_in", False)), motion_mlp=str(im.get("motion_mlp", "dynamicid")),
+    )
 
 
 # -------------------------------------------------------------------- encoder helpers

@@ -96,6 +96,7 @@ class FaceEncoder(nn.Module):
         ff_mult: int = 4,
         shortcut: bool = False,
         shortcut_scale: float = 1.0,
+        proj_out: bool = False,
     ):
         super().__init__()
         for name, value in dict(id_dim=id_dim, clip_dim=clip_dim, token_dim=token_dim, num_tokens=num_tokens,
@@ -118,6 +119,9 @@ class FaceEncoder(nn.Module):
                            FeedForward(token_dim, ff_mult)])
             for _ in range(depth)
         )
+        # The research release has a Linear between the last layer and the output norm. It sits in the residual
+        # stream right before a LayerNorm, so it cannot be folded away: imported weights need it (docs/release.md).
+        self.proj_out = nn.Linear(token_dim, token_dim) if proj_out else None
         self.norm_out = nn.LayerNorm(token_dim)
 
     @classmethod
@@ -126,7 +130,7 @@ class FaceEncoder(nn.Module):
         """Build from the ``model.<profile>.face_encoder`` section; the dims come from the base models."""
         return cls(id_dim=id_dim, clip_dim=clip_dim, token_dim=token_dim, num_tokens=num_tokens,
                    depth=params.depth, heads=params.heads, dim_head=params.dim_head, ff_mult=params.ff_mult,
-                   shortcut=params.shortcut, shortcut_scale=params.shortcut_scale)
+                   shortcut=params.shortcut, shortcut_scale=params.shortcut_scale, proj_out=params.proj_out)
 
     def id_tokens(self, id_embeds: Tensor) -> Tensor:
         """The MLP + per-token LayerNorm path alone (also the shortcut's base): [B, id_dim] -> [B, K, token_dim]."""
@@ -149,6 +153,8 @@ class FaceEncoder(nn.Module):
         for attn, ff in self.layers:
             refined = attn(refined, context) + refined
             refined = ff(refined) + refined
+        if self.proj_out is not None:
+            refined = self.proj_out(refined)
         refined = self.norm_out(refined)  # [B, K, token_dim]
         if self.shortcut:
             # Shortcut keeps the embedding's tokens as the backbone and lets CLIP add a scaled correction.

@@ -100,8 +100,12 @@ class IMR(nn.Module):
         heads: int = 16,
         dim_head: int = 64,
         ff_mult: int = 4,
+        norm_in: bool = False,
+        motion_mlp: str = "dynamicid",
     ):
         super().__init__()
+        if motion_mlp not in ("dynamicid", "release"):
+            raise ValueError(f"IMR: motion_mlp must be 'dynamicid' or 'release', got {motion_mlp!r}")
         for name, value in dict(token_dim=token_dim, width=width, landmark_dim=landmark_dim, text_dim=text_dim,
                                 num_latents=num_latents, depth=depth, heads=heads, dim_head=dim_head,
                                 ff_mult=ff_mult).items():
@@ -112,12 +116,24 @@ class IMR(nn.Module):
         motion_in = landmark_dim + text_dim
         # The leading LayerNorm matters: the CNN feature and the CLIP text embedding live on very
         # different scales, and without it one of them would dominate the fused latents.
-        self.motion_mlp = nn.Sequential(
-            nn.LayerNorm(motion_in),
-            nn.Linear(motion_in, width),
-            nn.GELU(),
-            nn.Linear(width, num_latents * width),
-        )
+        if motion_mlp == "dynamicid":
+            self.motion_mlp = nn.Sequential(
+                nn.LayerNorm(motion_in),
+                nn.Linear(motion_in, width),
+                nn.GELU(),
+                nn.Linear(width, num_latents * width),
+            )
+        else:  # the research release's shape (docs/release.md): a second LayerNorm and a GELU on the latents
+            self.motion_mlp = nn.Sequential(
+                nn.LayerNorm(motion_in),
+                nn.Linear(motion_in, width),
+                nn.GELU(),
+                nn.LayerNorm(width),
+                nn.Linear(width, num_latents * width),
+                nn.GELU(),
+            )
+        # The release normalises the incoming tokens; a LayerNorm's normalisation cannot be folded into proj_in.
+        self.norm_in = nn.LayerNorm(token_dim) if norm_in else None
         self.proj_in = nn.Linear(token_dim, width)
         self.disentangle_layers = nn.ModuleList(IMRLayer(width, heads, dim_head, ff_mult) for _ in range(depth))
         self.entangle_layers = nn.ModuleList(IMRLayer(width, heads, dim_head, ff_mult) for _ in range(depth))
@@ -129,7 +145,8 @@ class IMR(nn.Module):
         """Build from ``model.<profile>.imr``. IMRParams has no dim_head: width // heads (64 for SD1.5, as released)."""
         return cls(token_dim=token_dim, width=params.width, landmark_dim=params.landmark_feature_dim,
                    text_dim=text_dim, num_latents=params.num_latents, depth=params.depth, heads=params.heads,
-                   dim_head=max(1, params.width // params.heads), ff_mult=params.ff_mult)
+                   dim_head=max(1, params.width // params.heads), ff_mult=params.ff_mult, norm_in=params.norm_in,
+                   motion_mlp=params.motion_mlp)
 
     def motion(self, landmark_feature: Tensor, text_feature: Tensor) -> Tensor:
         """[B, landmark_dim], [B, text_dim] -> motion latents [B, num_latents, width]."""
@@ -150,7 +167,10 @@ class IMR(nn.Module):
         if tokens.ndim != 3 or tokens.shape[-1] != self.token_dim:
             raise ValueError(f"IMR: tokens must be [B, K, {self.token_dim}], got {list(tokens.shape)}")
         self._check_motion(source_motion, tokens.shape[0])
-        x = self.proj_in(tokens.to(self.proj_in.weight.dtype))  # [B, K, width]
+        x = tokens.to(self.proj_in.weight.dtype)
+        if self.norm_in is not None:
+            x = self.norm_in(x)
+        x = self.proj_in(x)  # [B, K, width]
         for layer in self.disentangle_layers:
             x = layer(x, source_motion)
         return x

@@ -17,25 +17,15 @@ from model.backbone import Backbone, load_backbone, resolve_device, resolve_dtyp
 from model.checkpoint import CheckpointError, ModelDims, load_parts, read_manifest, save_checkpoint
 from model.config import FaceParams, ModelParams
 from model.dynamicid import DynamicID, build_dynamicid
+from model.notices import LibraryNotices as _LibraryNotices, quiet_library_warnings
 
 log = logging.getLogger(__name__)
 
 
-class _LibraryNotices(logging.Filter):
-    """Notices of transformers 5 and diffusers that say nothing about our runs: the PIL fallback of every image
-    processor class (we use the PIL processors on purpose: torchvision is not in the stack), and diffusers'
-    advice on casting with ``to()`` when the list of modules to keep in float32 is empty."""
-
-    NOISE = ("requires torchvision (not installed)", "should be kept in float32: []")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not any(n in message for n in self.NOISE)
-
-
 def quiet_hf_progress() -> None:
     """transformers 5 prints a progress bar per load/save, and both libraries print notices (_LibraryNotices) that
-    say nothing about our runs; both are kept out of the logs."""
+    say nothing about our runs; both are kept out of the logs, with the Python warnings of LIBRARY_WARNINGS."""
+    quiet_library_warnings()
     try:
         from diffusers.utils import logging as d_logging
         from transformers.utils import logging as hf_logging
@@ -50,14 +40,21 @@ def quiet_hf_progress() -> None:
         pass
 
 
-def base_location(params: ModelParams, cache_dir: str | Path, checkpoint: str | Path | None = None) -> tuple[Path, Path | None]:
+def base_location(params: ModelParams, cache_dir: str | Path,
+                  checkpoint: str | Path | None = None) -> tuple[Path, Path | None]:
     """-> (base diffusers dir, separate image encoder dir or None). Paths must be local here:
-    s3:// URIs are resolved to a local cache by components.core.storage before this is called."""
+    s3:// URIs are resolved to a local cache by components.core.storage before this is called. A single-file
+    sd15 base is converted once into cache_dir (model/single_file.py) and that folder returned."""
     if checkpoint is not None and (Path(checkpoint) / "base" / "unet").is_dir():
         return Path(checkpoint) / "base", None
     if params.profile == "tiny":
         return tiny_base_dir(params.tiny, cache_dir), None
-    return Path(params.sd15.base).expanduser(), Path(params.sd15.image_encoder).expanduser()
+    base = Path(params.sd15.base).expanduser()
+    if base.suffix in (".safetensors", ".ckpt"):  # a community single-file checkpoint: converted once, offline
+        from model.single_file import single_file_base
+
+        base = single_file_base(base, params.sd15.tokenizer, cache_dir)
+    return base, Path(params.sd15.image_encoder).expanduser()
 
 
 def load_backbone_for(params: ModelParams, cache_dir: str | Path, checkpoint: str | Path | None = None) -> Backbone:
@@ -118,4 +115,5 @@ def init_checkpoint(params: ModelParams, face: FaceParams, out_dir: str | Path, 
                            base_dir=backbone.base_dir if bundle else None, extra={"stage": "init"})
 
 
-__all__ = ["load_pipeline", "load_backbone_for", "init_checkpoint", "base_location", "ModelDims", "quiet_hf_progress"]
+__all__ = ["load_pipeline", "load_backbone_for", "init_checkpoint", "base_location", "ModelDims", "quiet_hf_progress",
+           "quiet_library_warnings"]

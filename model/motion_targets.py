@@ -54,15 +54,20 @@ def check_landmarks(points: Any, count: int, who: str) -> np.ndarray:
     return pts.astype(np.float32)
 
 
-def driving_landmark_image(analyzer: Any, image: np.ndarray, who: str, size: int, min_face_size: int = 0) -> np.ndarray:
-    """[1, size, size] target image of a driving photo (RGB uint8 [H, W, 3]): its largest face's
-    landmarks in its own face-crop frame. No usable face is a ValueError naming ``who``."""
+def driving_face(analyzer: Any, image: np.ndarray, who: str, min_face_size: int = 0) -> Any:
+    """The face a driving photo (RGB uint8 [H, W, 3]) contributes: its largest usable one. No usable face is a
+    ValueError naming ``who``'s driving_image, so the endpoint can answer with the field that is wrong."""
     where = f"{who}: driving_image"
     try:
-        face = pick_face(analyzer.detect(image), who=where, min_size=min_face_size)
+        return pick_face(analyzer.detect(image), who=where, min_size=min_face_size)
     except FaceAnalysisError as err:
         msg = str(err)
         raise ValueError(msg if msg.startswith(where) else f"{where}: {msg}") from None
+
+
+def driving_landmark_image(analyzer: Any, image: np.ndarray, who: str, size: int, min_face_size: int = 0) -> np.ndarray:
+    """[1, size, size] target image of a driving photo: its face's landmarks in its own face-crop frame."""
+    face = driving_face(analyzer, image, who, min_face_size)
     return face_landmark_image(face.landmarks, face.bbox, image.shape[:2], size=size)
 
 
@@ -116,5 +121,5 @@ def rendered_landmark_image(image: Any, size: int) -> np.ndarray:
     return gray[None]  # [1, S, S]
 
 
-__all__ = ["LAYOUT_NAMES", "check_landmarks", "coordinate_landmark_image", "driving_landmark_image",
+__all__ = ["LAYOUT_NAMES", "check_landmarks", "coordinate_landmark_image", "driving_face", "driving_landmark_image",
            "landmark_target", "rendered_landmark_image"]

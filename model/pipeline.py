@@ -30,7 +30,8 @@ from model.backbone import Backbone
 from model.config import FaceParams, ModelParams
 from model.dynamicid import DynamicID, clip_image_features, text_embeddings
 from model.face_analysis.face import face_crop_box  # noqa: F401  (re-exported: inference crop box)
-from model.motion_targets import check_landmarks, landmark_target, rendered_landmark_image
+from model.motion_targets import check_landmarks, rendered_landmark_image
+from model.release import compat  # the research release's inference conventions, in its mode only
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,8 @@ class DynamicIDOutput:
     images: list[Image.Image]
     identities: list[list[IdentityResult]]      # per image, per identity
     seeds: list[int] = field(default_factory=list)
+    layout: str = "none"                        # "auto" | "strips" | "boxes" (model/saa/auto_run.py)
+    layout_maps: torch.Tensor | None = None     # layout auto: [b, N, h, w] per-identity activation maps, max 1
 
 
 @dataclass
@@ -207,6 +210,7 @@ class DynamicIDPipeline(DiffusionPipeline):
         crop = Image.fromarray(image[top:bottom, left:right]).resize((self.backbone.image_size,) * 2, Image.BICUBIC)
         crop_t = torch.from_numpy(np.array(crop)).permute(2, 0, 1).float() / 255.0
         lmk = crop_landmark_image(face.landmarks, (left, top, right, bottom), size=self.dims.imr["landmark_size"])
+        crop_t, lmk = compat.analysis_inputs(compat.mode_of(self), image, face.landmarks, crop_t, lmk)
         yaw, pitch, _ = face.pose
         prompt = ident.source_prompt or face_prompt(estimate_expression(face.landmarks), yaw, pitch)
         return {"embedding": np.asarray(face.embedding, dtype=np.float32), "crop": crop_t,
@@ -221,8 +225,7 @@ class DynamicIDPipeline(DiffusionPipeline):
             return torch.from_numpy(rendered_landmark_image(ident.landmarks_image, size))
         drive = None if ident.driving_image is None else _to_rgb_array(ident.driving_image, f"{who}: driving_image")
         try:
-            lmk = landmark_target(self.analyzer(), who, size, driving_image=drive, landmarks=ident.landmarks,
-                                  frame=frame, min_face_size=self.face_params.min_face_size)
+            lmk = compat.target_landmarks(self, who, size, drive, ident.landmarks, frame)  # ours or the release's
         except ValueError as err:
             raise GenerationError(str(err)) from None
         return None if lmk is None else torch.from_numpy(lmk)
@@ -232,7 +235,7 @@ class DynamicIDPipeline(DiffusionPipeline):
         """CFG branch tokens: the face encoder on a zero embedding and the CLIP features of a black crop."""
         if self._uncond_tokens is None:
             s = self.backbone.image_size
-            feats = clip_image_features(self.backbone, torch.zeros(1, 3, s, s, device=self.device))
+            feats = clip_image_features(self.backbone, compat.uncond_clip_image(compat.mode_of(self), s, self.device))
             emb = torch.zeros(1, self.dims.id_dim, device=self.device, dtype=feats.dtype)
             fe = self.dynamicid.face_encoder
             self._uncond_tokens = fe(emb.to(param_dtype(fe)), feats.to(param_dtype(fe)))[0]
@@ -324,9 +327,11 @@ class DynamicIDPipeline(DiffusionPipeline):
         seed: int | list[int] | None = None,
         output_type: str = "pil",
         encoded: Sequence[EncodedIdentities] | None = None,
+        layout: str | None = None,
     ) -> DynamicIDOutput:
         """``encoded``: per-sample results of ``encode_identities`` already computed by the caller
-        (the server analyses faces per request before batching), so no face is analysed twice."""
+        (the server analyses faces per request before batching), so no face is analysed twice.
+        ``layout``: "auto" | "strips" | None (boxes if given, else auto for 2-4 people; auto_run.py)."""
         from model.saa.context import IDContext
 
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -342,6 +347,8 @@ class DynamicIDPipeline(DiffusionPipeline):
         height, width = height or res, width or res
         for ids in per_sample:
             self.validate(ids, height, width)
+        from model.saa.auto_run import AutoLayoutRun, resolve_layout
+        layout_used = resolve_layout(per_sample, layout, GenerationError) if n else "none"
         negs = ([negative_prompt or ""] * b) if not isinstance(negative_prompt, list) else negative_prompt
         seeds = seed if isinstance(seed, list) else [seed if seed is not None else int(torch.seed() % 2**31)] * b
         seeds = [int(s) + (j if not isinstance(seed, list) and b > 1 else 0) for j, s in enumerate(seeds)]
@@ -400,7 +407,10 @@ class DynamicIDPipeline(DiffusionPipeline):
             ctx = IDContext(
                 num_ids=n, num_tokens=self.dims.num_tokens, regions=regions.repeat(reps, 1, 1),
                 latent_hw=(lh, lw), id_scale=id_scale_arg, gating=saa.gating, tau=saa.tau, boost=saa.boost,
-            )
+                **compat.context_options(compat.mode_of(self), saa))
+        auto = None if ctx is None or layout_used != "auto" else AutoLayoutRun(  # observe, then route (fixed step)
+            ctx, batch=b, cfg=do_cfg, num_steps=num_inference_steps, device=device,
+            levels=len(self.unet.config.block_out_channels), boost_steps=compat.boost_steps(compat.mode_of(self), saa))
         # Timesteps stay on the host: diffusers' schedulers index with them every step, and a
         # device tensor would force a host-GPU sync per step (measured: docs/benchmarks.md).
         self.scheduler.set_timesteps(num_inference_steps, device="cpu")
@@ -409,7 +419,8 @@ class DynamicIDPipeline(DiffusionPipeline):
         with record_function("dynamicid.denoise"):
             for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
                 if ctx is not None:
-                    ctx.boost_active = i < self.model_params.saa.boost_steps
+                    ctx.boost_active = i < compat.boost_steps(compat.mode_of(self), self.model_params.saa)
+                ctx = auto.context_for_step(i) if auto is not None else ctx  # layout auto: observe, then route
                 model_in = torch.cat([latents] * 2) if do_cfg else latents
                 model_in = self.scheduler.scale_model_input(model_in, t)
                 noise = (self.step_runner or self.denoise_step)(model_in, t, states, ctx)
@@ -423,10 +434,11 @@ class DynamicIDPipeline(DiffusionPipeline):
             image = self.vae.decode(latents / self.vae.config.scaling_factor).sample
             image = (image / 2 + 0.5).clamp(0, 1)
         results = [e.results for e in encoded] if n else [[] for _ in range(b)]
-        if output_type == "pt":
-            return DynamicIDOutput(images=image.float().cpu(), identities=results, seeds=seeds)  # type: ignore[arg-type]
+        results, extra = auto.report(results) if auto is not None else (results, {"layout": layout_used})
+        if output_type == "pt":  # images: a tensor
+            return DynamicIDOutput(image.float().cpu(), results, seeds, **extra)  # type: ignore[arg-type]
         arr = (image.float().permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
-        return DynamicIDOutput(images=[Image.fromarray(a) for a in arr], identities=results, seeds=seeds)
+        return DynamicIDOutput(images=[Image.fromarray(a) for a in arr], identities=results, seeds=seeds, **extra)
 
 
 def param_dtype(module: torch.nn.Module) -> torch.dtype:

@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "models:/name/version from the MLflow registry, s3://..., or a checkpoint directory (KServe mounts "
         "storageUri at /mnt/models). The server answers liveness at once and readiness after load and warm-up. "
         "Endpoints: POST /v1/models/<name>:predict, POST /v2/models/<name>/infer, GET /v2/health/{live,ready}, "
-        "GET /v2/models/<name>, GET /metrics. Stop with Ctrl-C.",
+        "GET /v2/models/<name>, GET /metrics, and the playground page at GET /playground/. Stop with Ctrl-C.",
     )
     s.add_argument("--model-uri", default=None, help="default: serve.model_uri from params")
     s.add_argument("--host", default=None, help="bind address (default: serve.host)")
@@ -53,7 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--height", type=int, default=None)
     i.add_argument("--width", type=int, default=None)
     i.add_argument("--seed", type=int, default=None, help="default: random (written to the .json)")
-    i.add_argument("--wait", type=float, default=120.0, help="seconds to wait for the model to become ready (default: 120)")
+    i.add_argument("--wait", type=float, default=120.0,
+                   help="seconds to wait for the model to become ready (default: 120)")
     i.add_argument("--http-timeout", type=float, default=None, help="default: serve.request_timeout_s + 30")
     i.add_argument("--out", default="out.png", help="output PNG; metadata goes next to it as .json (default: out.png)")
     i.set_defaults(func=run_infer)

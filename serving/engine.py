@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -55,6 +55,8 @@ class GenerationResult:
     image: Any                            # PIL.Image
     seed: int
     identities: list[dict[str, Any]]      # [{"region": [y0, x0, y1, x1], "edited": bool}]
+    layout: str = "boxes"                 # the layout used: boxes | strips | auto
+    layout_maps: Any = None               # PIL.Image of the auto layout's maps and regions, when asked
 
 
 @dataclass
@@ -149,6 +151,7 @@ class Engine:
         t = time.perf_counter()
         try:
             self.pipe.validate(ids, req.height, req.width)
+            _check_layout(ids, req)
             encoded = self.pipe.encode_identities(ids)
         except GenerationError as err:
             raise _identity_error(str(err), req) from None
@@ -175,6 +178,7 @@ class Engine:
                 guidance_scale=[r.guidance_scale for r in reqs], id_scale=[r.id_scale for r in reqs],
                 height=height, width=width, seed=[r.seed for r in reqs],
                 encoded=[j.encoded for j in jobs] if jobs[0].identities else None,
+                layout=reqs[0].layout,  # one layout per batch: it is part of the batch key
             )
         finally:
             self._batch = None
@@ -185,8 +189,10 @@ class Engine:
         log.debug("batch of %d (%dx%d, %d steps) in %.3f s", len(jobs), width, height, steps, time.perf_counter() - t)
         return [
             GenerationResult(image=img, seed=seed,
-                             identities=[{"region": r.region, "edited": r.edited} for r in results])
-            for img, seed, results in zip(out.images, out.seeds, out.identities)
+                             identities=[{"region": r.region, "edited": r.edited} for r in results],
+                             layout=out.layout,
+                             layout_maps=_maps_image(out, j, img.size) if jobs[j].request.layout_maps else None)
+            for j, (img, seed, results) in enumerate(zip(out.images, out.seeds, out.identities))
         ]
 
     # ------------------------------------------------------------------ warm-up
@@ -209,6 +215,25 @@ class Engine:
 
 
 _TARGET_FIELD = re.compile(r"identity \d+: (driving_image|landmarks): ")
+
+
+def _check_layout(ids: list[IdentityInput], req: GenerationRequest) -> None:
+    """A layout the request cannot use (with bboxes, too many people for auto) fails alone, with a 400."""
+    from model.saa.auto_run import resolve_layout
+
+    try:
+        resolve_layout([ids], req.layout)
+    except ValueError as err:
+        raise bad_request("invalid_field", str(err), req.field("layout")) from None
+
+
+def _maps_image(out, j: int, size: tuple[int, int]):
+    """Image j's auto-layout maps and regions as a picture (None unless the layout was auto)."""
+    from model.saa.auto_run import render_layout
+
+    if out.layout_maps is None:
+        return None
+    return render_layout(out.layout_maps[j], [r.region for r in out.identities[j]], size)
 
 
 def _identity_error(message: str, req: GenerationRequest) -> ServingError:

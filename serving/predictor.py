@@ -8,8 +8,8 @@ that want KServe's load-before-serve pattern.
 A request goes: admission (503 past serve.max_queue) -> validation and image decoding (a worker
 thread, 4xx naming the field) -> face analysis + encoding (the encode thread; a bad photo fails
 here, alone) -> the batcher (same size/steps/identity count/guidance mode share a UNet batch) ->
-denoising on the model thread -> PNG encoding. The whole request runs under serve.request_timeout_s (504), and a batch whose
-requests all timed out is stopped at the next denoising step.
+denoising on the model thread -> PNG encoding. The whole request runs under serve.request_timeout_s
+(504), and a batch whose requests all timed out is stopped at the next denoising step.
 """
 
 from __future__ import annotations
@@ -184,7 +184,15 @@ class DynamicIDModel(Model):
         if job.started is not None:
             self.metrics.observe("queue", job.started - queued)
         png = await asyncio.to_thread(encode_png, result.image)
-        return {"image": png, "seed": result.seed, "identities": result.identities}
+        out = {"image": png, "seed": result.seed, "identities": result.identities, "layout": result.layout}
+        if result.layout_maps is not None:
+            out["layout_maps"] = await asyncio.to_thread(encode_png, result.layout_maps)
+        return out
+
+    async def on_encode_thread(self, fn: Any, *args: Any) -> Any:
+        """``fn(pipe, *args)`` on the encode thread, which owns the face analyzer (the playground's face
+        check queues behind request encodes instead of racing them for it)."""
+        return await asyncio.get_running_loop().run_in_executor(self._encode_thread, fn, self._engine.pipe, *args)
 
     async def _run_batch(self, key: tuple, jobs: list) -> list:
         self._depth()

@@ -13,7 +13,8 @@ v2 (open inference protocol) ``POST /v2/models/<name>/infer``, one image per req
 | ``landmarks`` | FP32 | [N, L, 2] | target landmarks per identity (x, y pixels of its image), all zeros for none |
 | ``parameters`` | BYTES | [1] | JSON object: every other instance field, per-identity ones under "identities" |
 
-outputs: ``image`` BYTES [1] (base64 PNG) and ``metadata`` BYTES [1] (JSON ``{"seed", "identities"}``).
+outputs: ``image`` BYTES [1] (base64 PNG) and ``metadata`` BYTES [1] (JSON ``{"seed", "identities", "layout"}``,
+plus ``"layout_maps"`` when asked).
 Images travel as base64 text because KServe's REST decoder turns BYTES elements into UTF-8 strings,
 which raw PNG/JPEG bytes are not; base64 works in both the JSON and the binary tensor encodings.
 """
@@ -185,7 +186,7 @@ def v2_instance(request) -> tuple[dict[str, Any], FieldNamer]:
 def v2_response(request, prediction: dict[str, Any], model_name: str):
     from kserve import InferOutput, InferResponse
 
-    meta = json.dumps({"seed": prediction["seed"], "identities": prediction["identities"]})
+    meta = json.dumps({k: prediction[k] for k in ("seed", "identities", "layout", "layout_maps") if k in prediction})
     outputs = [
         InferOutput(name="image", shape=[1], datatype="BYTES", data=[prediction["image"]]),
         InferOutput(name="metadata", shape=[1], datatype="BYTES", data=[meta]),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import secrets
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -86,12 +86,17 @@ class GenerationRequest:
     height: int
     width: int
     field: FieldNamer = field(default=same_name, repr=False)
+    layout: str | None = None                           # "auto" | "strips" | None (model/saa/auto_run.py)
+    layout_maps: bool = False                           # return the auto layout's maps as a PNG
 
     @property
-    def batch_key(self) -> tuple[int, int, int, int, bool]:
+    def batch_key(self) -> tuple[int, int, int, int, bool, str | None, bool]:
         """Requests that can share one UNet batch: same latent size, step count, identity count (the
-        encoder states' length) and whether classifier-free guidance doubles the batch."""
-        return (self.height, self.width, self.num_inference_steps, len(self.identities), self.guidance_scale > 1.0)
+        encoder states' length), whether classifier-free guidance doubles the batch, and the same
+        layout (asked layout, any bbox given): one pipeline call uses one layout."""
+        boxed = any(i.bbox is not None for i in self.identities)
+        return (self.height, self.width, self.num_inference_steps, len(self.identities), self.guidance_scale > 1.0,
+                self.layout, boxed)
 
 
 def field_path(loc: tuple[Any, ...]) -> str:
@@ -130,7 +135,7 @@ class RequestSchema:
             bbox: list[unit] | None = Field(
                 None, min_length=4, max_length=4,
                 description="where the person goes: [y0, x0, y1, x1] in [0, 1], y0 < y1, x0 < x1; "
-                "default: equal vertical strips",
+                "default: the instance's layout (auto: found from the model's activation maps)",
             )
             expression: str | None = Field(
                 None, min_length=1, max_length=lim.max_expression_chars,
@@ -175,10 +180,17 @@ class RequestSchema:
             id_scale: float | None = Field(None, ge=0.0, le=lim.max_id_scale,
                                            description=f"default {lim.default_id_scale}")
             height: side | None = Field(None, description=f"pixels, multiple of 8, default {lim.resolution}")
+            layout: Literal["auto", "strips"] | None = Field(
+                None, description="where several people go when no identity gives a bbox: auto = one region per "
+                "person from SAA's activation maps of the first steps (default for 2-4 people), strips = equal "
+                "vertical strips; not together with bboxes")
+            layout_maps: bool = Field(False, description="layout auto: also return the activation maps and the "
+                                      "regions found as a PNG (layout_maps of the prediction)")
             width: side | None = Field(None, description=f"pixels, multiple of 8, default {lim.resolution}")
 
         class IdentityResult(BaseModel):
-            region: list[float] = Field(min_length=4, max_length=4, description="[y0, x0, y1, x1] used")
+            region: list[float] = Field(min_length=4, max_length=4,
+                                        description="[y0, x0, y1, x1] used (layout auto: the region found)")
             edited: bool = Field(description="an expression / pose edit was applied")
 
         class Prediction(BaseModel):
@@ -186,6 +198,9 @@ class RequestSchema:
             image: str = Field(description="base64 PNG", json_schema_extra={"contentEncoding": "base64"})
             seed: int
             identities: list[IdentityResult]
+            layout: str = Field("boxes", description="the layout used: boxes | strips | auto")
+            layout_maps: str | None = Field(None, description="base64 PNG: each person's activation map and "
+                                            "region in one colour (asked with layout_maps, layout auto only)")
 
         class V1Request(BaseModel):
             model_config = ConfigDict(extra="forbid", title="V1PredictRequest")
@@ -269,6 +284,7 @@ class RequestSchema:
             guidance_scale=lim.default_guidance if inst.guidance_scale is None else inst.guidance_scale,
             id_scale=lim.default_id_scale if inst.id_scale is None else inst.id_scale,
             height=inst.height or lim.resolution, width=inst.width or lim.resolution, field=namer,
+            layout=inst.layout, layout_maps=inst.layout_maps,
         )
 
 

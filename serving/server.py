@@ -15,6 +15,9 @@
 - Only the documented routes: KServe's model-repository routes (``/v2/repository/models/<name>/load``
   and ``/unload``, which would let any client unload the model or load one by name), the
   ``:explain`` route (no explainer) and the ``/versions/<v>/`` routes (not supported, 501) are removed.
+- The playground page (serving.playground): read-only ``GET /playground/`` from the package's static
+  folder, and ``POST /playground/faces``, the server's own face check; both behind the same body
+  limit, and the page generates through the ordinary predict routes.
 """
 
 from __future__ import annotations
@@ -165,12 +168,20 @@ class DynamicIDRESTServer(RESTServer):
     the model loads)."""
 
     def __init__(self, *args, host: str, max_body_bytes: int, metrics: ServingMetrics, retry_after_s: int,
-                 **kwargs) -> None:
+                 playground_model: str | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.config.host = host
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
         self.retry_after_s = retry_after_s
+        self.playground_model = playground_model
+
+    def _register_endpoints(self, app: FastAPI) -> None:
+        super()._register_endpoints(app)
+        if self.playground_model is not None:
+            from serving.playground import add_routes
+
+            add_routes(app, self.dataplane, self.playground_model)
 
     def _add_middlewares(self, app: FastAPI) -> None:
         super()._add_middlewares(app)
@@ -237,12 +248,13 @@ class DynamicIDRESTServer(RESTServer):
 
 class DynamicIDModelServer(ModelServer):
     def __init__(self, host: str, http_port: int, max_body_bytes: int, metrics: ServingMetrics,
-                 retry_after_s: int = 2, grace_period: int = 30) -> None:
+                 retry_after_s: int = 2, grace_period: int = 30, playground: bool = True) -> None:
         super().__init__(http_port=http_port, enable_grpc=False, workers=1, grace_period=grace_period)
         self.host = host
         self.max_body_bytes = max_body_bytes
         self.retry_after_s = retry_after_s
         self.metrics = metrics
+        self.playground = playground
         self.dataplane = ModelsReadyDataPlane(model_registry=self.registered_models)
 
     def start(self, models: list) -> None:
@@ -255,12 +267,15 @@ class DynamicIDModelServer(ModelServer):
             access_log_format=self.access_log_format, workers=1, grace_period=self.grace_period,
             event_loop=self.event_loop, timeout_keep_alive=self.timeout_keep_alive,
             host=self.host, max_body_bytes=self.max_body_bytes, metrics=self.metrics, retry_after_s=self.retry_after_s,
+            playground_model=models[0].name if models and self.playground else None,
         )
         self.servers.append(self._rest_server.start())
         self.servers.extend(m.start_engine() for m in models if m.engine)
         self.setup_event_loop()
         self.register_signal_handler()
         log.info("serving on http://%s:%d (ready once the model is loaded and warmed up)", self.host, self.http_port)
+        if self.playground:
+            log.info("playground page: http://%s:%d/playground/", self.host, self.http_port)
         asyncio.run(self._serve())
 
 
@@ -272,7 +287,8 @@ def serve(params, model_uri: str | None = None, trace_log: bool = False) -> None
     s = params.serve
     metrics = ServingMetrics(s.model_name, s.max_batch_size)
     model = DynamicIDModel(params, model_uri=model_uri, metrics=metrics)
-    server = DynamicIDModelServer(s.host, s.http_port, s.max_body_bytes, metrics, retry_after_s=s.retry_after_s)
+    server = DynamicIDModelServer(s.host, s.http_port, s.max_body_bytes, metrics, retry_after_s=s.retry_after_s,
+                                  playground=s.playground)
     if not trace_log:  # after the server's constructor, which configures KServe's logging
         logging.getLogger("kserve.trace").setLevel(logging.WARNING)
     server.start([model])

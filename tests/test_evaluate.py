@@ -402,3 +402,17 @@ def test_evaluate_logs_one_mlflow_run(evaluation, params):
     assert run.data.params["evaluate.steps"] == "1"
     names = {a.path for a in MlflowClient(params.mlflow.tracking_uri).list_artifacts(run.info.run_id)}
     assert {"metrics.json", "samples.csv", "report.json", "eval_set.json", "grids"} <= names
+
+
+def test_layout_comparison_adds_boxes_and_strips_cases(params, analyzer):
+    """evaluate.layouts: every multi-ID case again with user boxes and with strips (multi<N> is the default, auto)."""
+    from components.evaluate.evalset import build_eval_set
+
+    base = build_eval_set(params, analyzer, clip_id="c")
+    p = params.model_copy(deep=True)
+    p.evaluate.layouts = ["boxes", "strips"]
+    ev = build_eval_set(p, analyzer, clip_id="c")
+    assert [j.kind for j in ev.jobs if j.kind.startswith("multi")] == [
+        "multi2", "multi2_boxes", "multi2_strips", "multi3", "multi3_boxes", "multi3_strips"]
+    assert ev.hash != base.hash and not any("layout" in j for j in base.definition["jobs"])
+    assert len(ev.baselines()) == len(base.baselines())  # the ID-off images are shared

@@ -77,8 +77,9 @@ def test_multi_id_with_boxes_and_default_strips(pipe, group_faces):
     a, b = group_faces
     boxes = _gen(pipe, [IdentityInput(image=a, bbox=(0.1, 0.0, 0.9, 0.5)), IdentityInput(image=b, bbox=(0.1, 0.5, 0.9, 1.0))])
     assert [r.region for r in boxes.identities[0]] == [[0.1, 0.0, 0.9, 0.5], [0.1, 0.5, 0.9, 1.0]]
-    strips = _gen(pipe, [IdentityInput(image=a), IdentityInput(image=b)])
+    strips = _gen(pipe, [IdentityInput(image=a), IdentityInput(image=b)], layout="strips")  # default: auto
     assert [r.region for r in strips.identities[0]] == [[0.0, 0.0, 1.0, 0.5], [0.0, 0.5, 1.0, 1.0]]
+    assert (boxes.layout, strips.layout) == ("boxes", "strips")
     assert not torch.equal(boxes.images, strips.images)
 
 

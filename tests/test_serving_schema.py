@@ -82,10 +82,10 @@ def test_valid_instance_fills_defaults_and_decodes_images(schema, photo, photo_b
     assert req.identities[0].expression == "smiling"
     assert (req.num_inference_steps, req.guidance_scale, req.id_scale) == (30, 5.0, 1.0)
     assert (req.height, req.width) == (64, 64) and 0 <= req.seed < 2**31
-    assert req.batch_key == (64, 64, 30, 2, True)
+    assert req.batch_key == (64, 64, 30, 2, True, None, True)  # + asked layout, any bbox given
     other = schema.parse({"prompt": "b", "identities": [{"image": photo_b64}], "seed": 5, "num_inference_steps": 4,
                           "guidance_scale": 1, "height": 128, "width": 64})
-    assert other.seed == 5 and other.batch_key == (128, 64, 4, 1, False)
+    assert other.seed == 5 and other.batch_key == (128, 64, 4, 1, False, None, False)
 
 
 def test_line_wrapped_base64_is_accepted(schema, photo):
@@ -245,7 +245,7 @@ def test_v2_tensors_map_to_the_v1_instance(schema, photo_b64):
                         "identities": [{"image": photo_b64, "bbox": [0, 0, 1, 0.5], "landmarks": POINTS},
                                        {"image": photo_b64, "expression": "smiling", "driving_image": photo_b64}]}
     parsed = schema.parse(instance, namer)
-    assert parsed.batch_key == (64, 64, 4, 2, True) and parsed.identities[0].landmarks.tolist() == POINTS
+    assert parsed.batch_key == (64, 64, 4, 2, True, None, True) and parsed.identities[0].landmarks.tolist() == POINTS
     assert [namer(p) for p in ["prompt", "identities", "identities[1]", "identities[1].image",
                                "identities[0].driving_image", "identities[1].landmarks",
                                "identities[1].landmarks[3][0]", "identities[0].bbox", "identities[0].bbox[2]",

@@ -7,7 +7,6 @@ import asyncio
 import base64
 import io
 import json
-import os
 import re
 import signal
 import subprocess
@@ -192,7 +191,7 @@ def test_v2_with_kserve_rest_client_matches_v1(server, hanks_b64, reference, bin
     image_b64 = outputs["image"].as_numpy().reshape(-1)[0]
     meta = json.loads(outputs["metadata"].as_numpy().reshape(-1)[0])
     image_b64 = image_b64.decode() if isinstance(image_b64, bytes) else image_b64
-    assert meta == {"seed": 11, "identities": [{"region": [0.0, 0.0, 1.0, 1.0], "edited": False}]}
+    assert meta == {"seed": 11, "identities": [{"region": [0.0, 0.0, 1.0, 1.0], "edited": False}], "layout": "strips"}
     assert np.array_equal(decode(image_b64), reference)
 
 
@@ -215,7 +214,7 @@ def test_two_ids_with_bboxes_and_default_strips(server, two_people):
     assert boxes.status_code == 200, boxes.text
     pb = boxes.json()["predictions"][0]
     assert [i["region"] for i in pb["identities"]] == [[0.1, 0.0, 0.9, 0.5], [0.1, 0.5, 0.9, 1.0]]
-    strips = server.predict({"prompt": "two people", "seed": 3, "num_inference_steps": 2,
+    strips = server.predict({"prompt": "two people", "seed": 3, "num_inference_steps": 2, "layout": "strips",
                              "identities": [{"image": a}, {"image": b}]}).json()["predictions"][0]
     assert [i["region"] for i in strips["identities"]] == [[0.0, 0.0, 1.0, 0.5], [0.0, 0.5, 1.0, 1.0]]
     assert not np.array_equal(decode(pb["image"]), decode(strips["image"]))
@@ -423,7 +422,7 @@ def test_infer_cli_writes_the_image(server, single_face_photo, tmp_path, capsys,
     assert rc == 0, capsys.readouterr().err
     assert Image.open(out).size == (64, 64)
     meta = json.loads(out.with_suffix(".json").read_text())
-    assert meta == {"seed": 11, "identities": [{"region": [0.0, 0.0, 1.0, 1.0], "edited": True}]}
+    assert meta == {"seed": 11, "identities": [{"region": [0.0, 0.0, 1.0, 1.0], "edited": True}], "layout": "strips"}
 
 
 def test_infer_cli_reports_server_errors(server, single_face_photo, tmp_path, capsys):

@@ -1,7 +1,8 @@
 """The metric catalogue (names, directions, meanings) and the edit-text parser: what params validation, the
 evaluation and the gate must agree on, importable without torch. Names are ``<kind>.<leaf>`` with kind
-``single``, ``multi<N>`` (N identities per image), ``edit`` (text edits) or ``drive`` (edits to a driving
-photo's landmarks).
+``single``, ``multi<N>`` (N identities per image, the default layout: auto for 2-4 people), ``multi<N>_boxes`` /
+``multi<N>_strips`` (the same cases with user boxes / equal strips, evaluate.layouts), ``edit`` (text edits) or
+``drive`` (edits to a driving photo's landmarks).
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ LEARNING_CHECK_PREFIX: dict[str, str] = {"anchor": "id", "reconfigure": "imr"}
 INTERVAL_SUFFIXES = ("_low", "_high")
 
 
-_NAME = re.compile(r"^(single|multi(\d+)|edit|drive)\.([a-z_]+)$")
+_NAME = re.compile(r"^(single|multi(\d+)(?:_(?:boxes|strips))?|edit|drive)\.([a-z_]+)$")
 
 
 def metric_info(name: str) -> MetricInfo:
@@ -109,7 +110,8 @@ def metric_info(name: str) -> MetricInfo:
             MULTI if kind.startswith("multi") and int(m.group(2)) >= 2 else None)
     if table is None or m is None or m.group(3) not in table:
         raise KeyError(
-            f"unknown metric {name!r}; known: single.<{'|'.join(SINGLE)}>, multi<N>.<{'|'.join(MULTI)}> (N >= 2), "
+            f"unknown metric {name!r}; known: single.<{'|'.join(SINGLE)}>, "
+            f"multi<N>[_boxes|_strips].<{'|'.join(MULTI)}> (N >= 2), "
             f"edit.<{'|'.join(EDIT)}>, drive.<{'|'.join(DRIVE)}>"
         )
     return table[m.group(3)]

@@ -17,6 +17,8 @@ def resolve_model_paths(params: Params) -> Params:
     cache = p.model.sd15.cache_dir
     p.model.sd15.base = str(resolve_local(p.model.sd15.base, cache, p.storage))
     p.model.sd15.image_encoder = str(resolve_local(p.model.sd15.image_encoder, cache, p.storage))
+    if p.model.sd15.tokenizer:
+        p.model.sd15.tokenizer = str(resolve_local(p.model.sd15.tokenizer, cache, p.storage))
     return p
 
 

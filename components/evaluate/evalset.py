@@ -54,13 +54,14 @@ class Job:
     seed with another held-out person's photo (``refs``), measured against ``against``'s reference.
     """
 
-    kind: str                # single | shuffled | multi<N> | edit | drive
+    kind: str                # single | shuffled | multi<N>[_boxes|_strips] | edit | drive
     refs: tuple[int, ...]    # indices into EvalSet.references whose photos are given to the pipeline
     prompt: str
     seed: int
     edit: str | None = None
     against: int | None = None  # shuffled only: the reference the image is compared with
     driver: int | None = None   # drive only: index into EvalSet.drivers
+    layout: str | None = None   # multi only: "boxes" (user_boxes) | "strips"; None = the pipeline's default (auto)
 
 
 @dataclass
@@ -219,8 +220,9 @@ def build_eval_set(params: "Params", analyzer, *, clip_id: str, reader_id: str =
             grp = tuple((g * n + k) % n_refs for k in range(n))
             if grp not in groups:
                 groups.append(grp)
-        jobs += [Job(f"multi{n}", grp, p.replace("{count}", count_word(n)), s)
-                 for grp in groups for p in ev.multi_prompts for s in ev.seeds]
+        jobs += [Job(f"multi{n}" + (f"_{lay}" if lay else ""), grp, p.replace("{count}", count_word(n)), s,
+                     layout=lay)
+                 for lay in (None, *ev.layouts) for grp in groups for p in ev.multi_prompts for s in ev.seeds]
     jobs += [Job("edit", (i,), ev.prompts[0], s, e) for i in range(n_refs) for e in ev.edits for s in ev.seeds]
     drivers: list[Driver] = []
     if ev.landmark_edits and n_refs > 1:
@@ -236,7 +238,8 @@ def build_eval_set(params: "Params", analyzer, *, clip_id: str, reader_id: str =
         "references": [{"identity": r.identity, "key": r.key, "others": list(r.other_keys)} for r in refs],
         "jobs": [{"kind": j.kind, "refs": list(j.refs), "prompt": j.prompt, "seed": j.seed, "edit": j.edit,
                   **({"against": j.against} if j.against is not None else {}),
-                  **({"driver": drivers[j.driver].key} if j.driver is not None else {})} for j in jobs],
+                  **({"driver": drivers[j.driver].key} if j.driver is not None else {}),
+                  **({"layout": j.layout} if j.layout is not None else {})} for j in jobs],
         "generation": {"steps": ev.steps, "guidance_scale": ev.guidance_scale, "id_scale": resolved_id_scale(params),
                        "negative_prompt": ev.negative_prompt, "profile": params.model.profile,
                        "resolution": params.model.active.resolution},
@@ -247,6 +250,15 @@ def build_eval_set(params: "Params", analyzer, *, clip_id: str, reader_id: str =
     }
     digest = hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()
     return EvalSet(references=refs, jobs=jobs, definition=definition, hash=digest, drivers=drivers)
+
+
+def user_boxes(n: int) -> list[tuple[float, float, float, float]]:
+    """The "user boxes" of the layout comparison: n head-and-shoulders boxes side by side, (y0, x0, y1, x1).
+
+    What a user draws for "n people in a row": each box 80 % of its column wide, from 15 % to 75 % of the
+    height, so unlike strips they leave margins (where no identity is routed and the early boost is off).
+    """
+    return [(0.15, (i + 0.1) / n, 0.75, (i + 0.9) / n) for i in range(n)]
 
 
 def resolved_id_scale(params: "Params") -> float:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from components.evaluate.evalset import EvalSet, resolved_id_scale
+from components.evaluate.evalset import EvalSet, resolved_id_scale, user_boxes
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -21,7 +21,7 @@ class Generated:
 
 
 def generate(pipe, evalset: EvalSet, params: "Params") -> tuple[list[Generated], dict[tuple[str, int], "Image.Image"]]:
-    """Run every case (ID on) and every baseline (ID off), batched by identity count."""
+    """Run every case (ID on) and every baseline (ID off), batched by identity count and layout."""
     from tqdm import tqdm
 
     from model.pipeline import IdentityInput
@@ -30,9 +30,9 @@ def generate(pipe, evalset: EvalSet, params: "Params") -> tuple[list[Generated],
     id_scale = resolved_id_scale(params)
     common = dict(negative_prompt=ev.negative_prompt, num_inference_steps=ev.steps,
                   guidance_scale=ev.guidance_scale)
-    buckets: dict[int, list[int]] = {}
+    buckets: dict[tuple[int, str | None], list[int]] = {}
     for idx, job in enumerate(evalset.jobs):
-        buckets.setdefault(len(job.refs), []).append(idx)
+        buckets.setdefault((len(job.refs), job.layout), []).append(idx)
     batches = [idxs[i:i + ev.batch_size] for idxs in buckets.values() for i in range(0, len(idxs), ev.batch_size)]
     base_keys = evalset.baselines()
     base_batches = [base_keys[i:i + ev.batch_size] for i in range(0, len(base_keys), ev.batch_size)]
@@ -41,10 +41,13 @@ def generate(pipe, evalset: EvalSet, params: "Params") -> tuple[list[Generated],
     with tqdm(total=len(evalset.jobs) + len(base_keys), desc="evaluate: generating", unit="img") as bar:
         for batch in batches:
             jobs = [evalset.jobs[i] for i in batch]
-            ids = [[IdentityInput(image=evalset.references[r].image, expression=j.edit,
+            lay = jobs[0].layout  # "boxes": user_boxes, "strips": asked, None: the pipeline's default (auto)
+            boxes = user_boxes(len(jobs[0].refs)) if lay == "boxes" else [None] * len(jobs[0].refs)
+            ids = [[IdentityInput(image=evalset.references[r].image, expression=j.edit, bbox=boxes[p],
                                   driving_image=None if j.driver is None else evalset.drivers[j.driver].image)
-                    for r in j.refs] for j in jobs]
-            out = pipe([j.prompt for j in jobs], ids, seed=[j.seed for j in jobs], id_scale=id_scale, **common)
+                    for p, r in enumerate(j.refs)] for j in jobs]
+            out = pipe([j.prompt for j in jobs], ids, seed=[j.seed for j in jobs], id_scale=id_scale,
+                       layout="strips" if lay == "strips" else None, **common)
             for b, i in enumerate(batch):
                 results[i] = Generated(out.images[b], [r.region for r in out.identities[b]])
             bar.update(len(batch))

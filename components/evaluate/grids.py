@@ -69,6 +69,10 @@ def write_grids(evalset: EvalSet, generated: list[Generated], baselines: dict, r
                     tiles += [baselines[(job.prompt, job.seed)]]
                 for c, tile in enumerate(tiles):
                     sheet.paste(tile.convert("RGB").resize((cell, cell), Image.BICUBIC), (c * cell, y))
+                if kind.startswith("multi"):  # the regions the layout used, outlined on the generated image
+                    for y0, x0, y1, x1 in generated[i].regions:
+                        draw.rectangle([(n + x0) * cell, y + y0 * cell, (n + x1) * cell - 1, y + y1 * cell - 1],
+                                       outline="red")
                 jr = by_job[i]
                 first = next(r for r in jr if r["variant"] in ("id", "edit"))
                 sims = "/".join(f"{r['id_similarity']:.2f}" for r in jr if r["variant"] in ("id", "edit"))

@@ -18,7 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="generate an image of one or several people from reference photos",
         description="Put each --id-image's person into an image described by --prompt. The i-th --bbox, "
         "--expression, --driving-image and --landmarks belong to the i-th --id-image (use '-' to skip one). "
-        "Without boxes, people are placed in equal vertical strips.",
+        "Without boxes, 2-4 people are placed by --layout auto (regions found from the model's own activation "
+        "maps during the first steps; written next to the image as <out>.layout.png) or in equal vertical strips.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g.add_argument("--checkpoint", required=True, help="checkpoint directory (see `dynamicid init` / training)")
@@ -33,6 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--landmarks", action="append", default=[],
                    help="JSON file: target landmarks of the i-th person, [[x, y], ...] in pixels of its --id-image "
                    "(the face analyzer's layout: 68 dlib / 106 insightface points), or -")
+    g.add_argument("--layout", choices=("auto", "strips"), default=None,
+                   help="without --bbox: auto (default for 2-4 people) or strips; the regions used are in the JSON")
     g.add_argument("--steps", type=int, default=30)
     g.add_argument("--guidance", type=float, default=5.0)
     g.add_argument("--id-scale", type=float, default=None, help="default: model.saa.id_scale")
@@ -54,7 +57,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_generate(args: argparse.Namespace, params) -> int:
-    from PIL import Image
 
     from components.core.errors import UserError
     from components.core.runtime import pipeline_from_params
@@ -79,13 +81,19 @@ def run_generate(args: argparse.Namespace, params) -> int:
         pipe = pipeline_from_params(params, args.checkpoint)
         out = pipe(args.prompt, identities, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                    guidance_scale=args.guidance, id_scale=args.id_scale, height=args.height, width=args.width,
-                   seed=args.seed)
+                   seed=args.seed, layout=args.layout)
     except (FaceAnalysisError, GenerationError, CheckpointError, FileNotFoundError, argparse.ArgumentTypeError) as err:
         raise UserError(str(err)) from None
     dest = Path(args.out)
     dest.parent.mkdir(parents=True, exist_ok=True)
     out.images[0].save(dest)
-    meta = {"seed": out.seeds[0], "identities": [r.__dict__ for r in out.identities[0]]}
+    meta = {"seed": out.seeds[0], "layout": out.layout, "identities": [r.__dict__ for r in out.identities[0]]}
+    if out.layout_maps is not None:  # layout auto: each person's activation map and region, one colour each
+        from model.saa.auto_run import render_layout
+
+        maps_path = dest.with_suffix(".layout.png")
+        render_layout(out.layout_maps[0], [r.region for r in out.identities[0]], out.images[0].size).save(maps_path)
+        meta["layout_maps"] = maps_path.name
     dest.with_suffix(".json").write_text(json.dumps(meta, indent=2))
     print(f"wrote {dest} ({out.images[0].width}x{out.images[0].height}); metadata {dest.with_suffix('.json')}")
     return 0

@@ -70,6 +70,9 @@ def run_stage_command(args: argparse.Namespace, params) -> int:
         raise UserError(f"--nproc must be >= 1, got {args.nproc}")
     if args.max_steps is not None and args.max_steps < 1:
         raise UserError(f"--max-steps must be >= 1, got {args.max_steps}")
+    from components.core.config.weights import check_stage_weights
+
+    check_stage_weights(params, "train", stage=args.stage)  # before torchrun, a process group or any data
     if args.nproc > 1 and not distributed.under_torchrun():
         return distributed.relaunch(args, args.nproc)
     if args.stage == "base" and params.model.profile != "tiny":

@@ -13,10 +13,13 @@ Why each piece exists (numbers in docs/benchmarks.md, measured by ``benchmarks/`
 * **CUDA graphs per static-shape bucket.** At 512 px the SD1.5 step is launch-bound in eager
   mode (~3x its GPU time), so each (batch, latent size, identity count) bucket is captured
   once, warmed at load time, and replayed. The boost of the first steps changes the math, so a
-  bucket holds two graphs (boost on / off). Everything that differs between requests of one
-  bucket (latents, timestep, text states, ID tokens -> keys/values, masks, scale) lives in the
-  bucket's static buffers and is refilled before a replay (the per-request key/value work is
-  itself one captured graph), so a replay with another layout never reads stale masks.
+  bucket holds two graphs (boost on / off), and a third for ``layout: auto``'s observation steps
+  (activation maps recorded into a static buffer, model/saa/auto_run.py); the switch to the
+  auto regions is a copy into the bucket's mask buffers, like any new request's layout.
+  Everything that differs between requests of one bucket (latents, timestep, text states, ID
+  tokens -> keys/values, masks, scale) lives in the bucket's static buffers and is refilled
+  before a replay (the per-request key/value work is itself one captured graph), so a replay
+  with another layout never reads stale masks.
 * **Channels-last UNet weights** (CUDA): 14% faster base step at 512 px; the VAE decoder was
   measured slower channels-last and stays as it is.
 * **Identity encoders as graphs** (``GraphedForward``): CLIP ViT-H/14, the face encoder and

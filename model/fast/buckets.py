@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from model.fast.id_state import GridIDState, LayerIDState, StaticIDContext, level_grids
 from model.fast.processor import fast_processors
 from model.saa.context import IDContext
+from model.saa.layout_maps import ActivationRecorder
 from model.saa.regions import RegionMasks
 
 log = logging.getLogger(__name__)
@@ -40,9 +41,11 @@ class _Slot:
     scale: Tensor | None  # [B] fp32
     ids: Tensor | None = None  # [B, n_id, D] the request's ID tokens (precomputed mode)
     mix: Tensor | None = None  # [1, 1, n_id, 1] per-token key factor of mix_scale, or None
-    graphs: dict[bool, tuple[torch.cuda.CUDAGraph, Tensor]] = field(default_factory=dict)
+    # (boost on, recording activation maps) -> captured graph and its static output
+    graphs: dict[tuple[bool, bool], tuple[torch.cuda.CUDAGraph, Tensor]] = field(default_factory=dict)
     prepare_graph: torch.cuda.CUDAGraph | None = None  # the per-request ID keys/values, replayed
     request: tuple | None = None  # what the per-request buffers were filled from
+    recorder: ActivationRecorder | None = None  # layout auto: static per-step activation maps
 
 
 class BucketStepRunner:
@@ -81,21 +84,30 @@ class BucketStepRunner:
             slot.t.copy_(t)
         self._load_request(slot, states, ctx)
         boost = bool(ctx is not None and ctx.boost_active)
+        record = ctx is not None and ctx.recorder is not None  # layout auto's observation steps
         if slot.ctx is not None:
             slot.ctx.boost_active = boost
+            slot.ctx.recorder = self._slot_recorder(slot, ctx.recorder) if record else None
         if not self.capture:
-            return self._forward(slot)
-        graph = slot.graphs.get(boost)
-        if graph is None:
-            graph = slot.graphs[boost] = self._capture(slot)
-        graph[0].replay()
-        return graph[1].clone()
+            out = self._forward(slot)
+        else:
+            graph = slot.graphs.get((boost, record))
+            if graph is None:
+                graph = slot.graphs[(boost, record)] = self._capture(slot)
+            graph[0].replay()
+            out = graph[1].clone()
+        if record:  # this step's maps, from the bucket's static buffer into the request's recorder
+            ctx.recorder.maps.add_(slot.ctx.recorder.maps)
+        return out
 
     @torch.no_grad()
     def warm(self, batch: int, latent_hw: tuple[int, int], num_ids: int, *, channels: int, text_len: int,
              cross_dim: int, dtype: torch.dtype, device: torch.device, num_tokens: int = 4, gating: bool = True,
-             tau: float = 0.3, boost: float = 4.0) -> None:
-        """Capture (or, eagerly, build) one bucket's graphs with made-up inputs of its shapes."""
+             tau: float = 0.3, boost: float = 4.0, record_level: int | None = None) -> None:
+        """Capture (or, eagerly, build) one bucket's graphs with made-up inputs of its shapes.
+
+        ``record_level``: with two or more identities, also the graph of layout auto's observation
+        steps (boost off, activation maps recorded at that UNet level's query grid)."""
         g = torch.Generator(device="cpu").manual_seed(0)
         latents = torch.randn(batch, channels, *latent_hw, generator=g).to(device, dtype)
         states = torch.randn(batch, text_len + num_ids * num_tokens, cross_dim, generator=g).to(device, dtype)
@@ -107,6 +119,11 @@ class BucketStepRunner:
         for boost_active in ((False, True) if ctx is not None else (False,)):
             if ctx is not None:
                 ctx.boost_active = boost_active
+            self(latents, t, states, ctx)
+        if ctx is not None and num_ids > 1 and record_level is not None:
+            grid = level_grids(latent_hw, self.levels)[min(record_level, self.levels - 1)]
+            ctx.boost_active = False
+            ctx.recorder = ActivationRecorder(batch, num_ids, num_tokens, grid, tau, device)
             self(latents, t, states, ctx)
 
     def clear(self) -> None:
@@ -121,7 +138,8 @@ class BucketStepRunner:
                 seen[t.data_ptr()] = t.numel() * t.element_size()
 
         for slot in self._slots.values():
-            for t in (slot.latents, slot.t, slot.states, slot.scale, slot.ids, slot.mix):
+            for t in (slot.latents, slot.t, slot.states, slot.scale, slot.ids, slot.mix,
+                      None if slot.recorder is None else slot.recorder.maps):
                 add(t)
             if slot.ctx is not None:
                 for st in slot.ctx.layers.values():
@@ -272,7 +290,17 @@ class BucketStepRunner:
             st.value.copy_(value4 * slot.scale.to(dtype).view(batch, 1, 1, 1))
 
     # ------------------------------------------------------------------ running
+    def _slot_recorder(self, slot: _Slot, request: ActivationRecorder) -> ActivationRecorder:
+        """The bucket's static recorder for ``request``'s configuration (graphs read its buffer)."""
+        if slot.recorder is None or not slot.recorder.same_config(request):
+            slot.recorder = request.like()
+            for key in [k for k in slot.graphs if k[1]]:  # captured with the previous buffer
+                del slot.graphs[key]
+        return slot.recorder
+
     def _forward(self, slot: _Slot) -> Tensor:
+        if slot.ctx is not None and slot.ctx.recorder is not None:
+            slot.ctx.recorder.reset()  # inside the captured graph: each replay records one step
         kwargs = {"cross_attention_kwargs": {"id_context": slot.ctx}} if slot.ctx is not None else {}
         return self._forward_fn(slot.latents, slot.t, encoder_hidden_states=slot.states, **kwargs).sample
 

@@ -80,6 +80,8 @@ class FastSAAProcessor(SAAAttnProcessor):
         out = out.transpose(1, 2).reshape(batch, seq_len, heads, head_dim)  # a view for the fused kernels
 
         layer = ctx.layers[self.name]
+        if ctx.recorder is not None:  # layout auto observing: the bucket's static recorder (model/fast/buckets.py)
+            ctx.recorder.record(q4, layer.key, ctx.query_grid(seq_len))
         grid = ctx.grids[ctx.query_grid(seq_len)] if (ctx.num_ids > 1 or ctx.boost_active) else None
         bias = grid.routing_bias(layer.key.shape[2]) if grid is not None else None
         id_out = F.scaled_dot_product_attention(q4, layer.key, layer.value, attn_mask=bias)  # [B, heads, L, d]

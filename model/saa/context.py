@@ -7,15 +7,23 @@ region masks per (query grid, device), so processors keep no per-call state of t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from model.saa.regions import RegionMasks, default_regions, validate_regions
+from model.saa.regions import RegionMasks, default_regions, masks_from_boxes, validate_regions
+
+
+class MapRecorder(Protocol):
+    """What the processors call while layout auto observes (``model.saa.layout_maps.ActivationRecorder``)."""
+
+    def record(self, query: Tensor, key: Tensor, grid: tuple[int, int]) -> None:
+        """query [B, heads, HW, d], raw ID keys [B, heads, N*K, d], the layer's query grid (h, w)."""
 
 # Fields of IDContext that change which tokens exist or where they go: changing one after
 # construction re-validates the context and drops its cached masks.
-_LAYOUT_FIELDS = frozenset({"num_ids", "num_tokens", "regions", "latent_hw", "mix_scale"})
+_LAYOUT_FIELDS = frozenset({"num_ids", "num_tokens", "regions", "latent_hw", "mix_scale", "box_rule", "routing"})
 _MAX_LEVELS = 16
 
 
@@ -43,6 +51,13 @@ class IDContext:
     boost: float = 4.0
     boost_active: bool = False  # set per denoising step by the sampler (step < boost_steps)
     mix_scale: float | None = None
+    # "centre": a query is in a box when its cell centre is; "truncate": rows int(y0 * h) .. int(y1 * h) - 1 (and
+    # columns alike), the research release's rule (model/release/compat.py). routing=False: every query may
+    # attend to every identity (the release with gating off).
+    box_rule: str = "centre"
+    routing: bool = True
+    # layout auto (model/saa/layout_maps.py): while set, the processors add each identity's gate map to it
+    recorder: MapRecorder | None = None
     _cache: dict = field(default_factory=dict, init=False, repr=False)
     _ready: bool = field(default=False, init=False, repr=False)
 
@@ -64,6 +79,8 @@ class IDContext:
         hw = tuple(self.latent_hw)
         if len(hw) != 2 or any(int(v) != v or v < 1 for v in hw):
             raise ValueError(f"latent_hw must be two positive integers (h, w), got {self.latent_hw!r}")
+        if self.box_rule not in ("centre", "truncate"):
+            raise ValueError(f"box_rule must be 'centre' or 'truncate', got {self.box_rule!r}")
         if self.mix_scale is not None:
             if self.num_ids != 1:
                 raise ValueError(
@@ -118,21 +135,12 @@ class IDContext:
         regions = self.regions if self.regions is not None else default_regions(self.num_ids)
         boxes = regions.detach().to(device="cpu", dtype=torch.float64)
         boxes = boxes.unsqueeze(0) if boxes.dim() == 2 else boxes  # [R, N, 4]
-        ys = (torch.arange(q_h, dtype=torch.float64) + 0.5) / q_h  # [q_h] cell centres
-        xs = (torch.arange(q_w, dtype=torch.float64) + 0.5) / q_w  # [q_w]
-        y0, x0, y1, x1 = (boxes[..., i, None, None] for i in range(4))  # each [R, N, 1, 1]
-        in_y = (ys[:, None] >= y0) & (ys[:, None] < y1)  # [R, N, q_h, 1]
-        in_x = (xs[None, :] >= x0) & (xs[None, :] < x1)  # [R, N, 1, q_w]
-        inside = (in_y & in_x).flatten(2).transpose(1, 2).contiguous()  # [R, HW, N]
-        inside_any = inside.any(-1)  # [R, HW]
-        allowed = None
-        if self.num_ids > 1:
-            # inside some boxes: only the containing identities; outside every box: all of them
-            per_id = inside | ~inside_any[..., None]  # [R, HW, N]
-            per_token = self.num_id_tokens // self.num_ids
-            allowed = per_id.repeat_interleave(per_token, dim=-1).unsqueeze(1)  # [R, 1, HW, N*K]
-        return RegionMasks(inside=_to_device(inside, device), inside_any=_to_device(inside_any, device),
-                           allowed=None if allowed is None else _to_device(allowed, device))
+        if self.box_rule == "truncate":  # boxes snapped to int(edge * grid) / grid: centres then test rows exactly
+            # (+1e-4: an edge given in float32 that is meant to lie on a cell boundary, e.g. 0.7 * 10, stays on it)
+            boxes = torch.cat([torch.floor(boxes[..., 0::2] * q_h + 1e-4) / q_h,
+                               torch.floor(boxes[..., 1::2] * q_w + 1e-4) / q_w], dim=-1)[..., [0, 2, 1, 3]]
+        masks = masks_from_boxes(boxes, q_h, q_w, self.num_id_tokens, self.routing)
+        return RegionMasks(*(None if t is None else _to_device(t, device) for t in masks))
 
 
 def _to_device(t: Tensor, device: torch.device) -> Tensor:

@@ -106,6 +106,8 @@ class SAAAttnProcessor(_LoRAHost):
         value = value.view(batch, -1, heads, head_dim).transpose(1, 2)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
+        if ctx.recorder is not None:  # layout auto: per-identity gate maps (model/saa/layout_maps.py)
+            ctx.recorder.record(query, key, grid if grid is not None else ctx.query_grid(seq_len))
 
         masks = None
         if ctx.num_ids > 1 or ctx.boost_active:

@@ -57,3 +57,31 @@ class RegionMasks(NamedTuple):
     inside: Tensor  # [R, HW, N] bool: query cell centre lies in identity n's box
     inside_any: Tensor  # [R, HW] bool: union of all boxes (where the early-step boost adds)
     allowed: Tensor | None  # [R, 1, HW, n_id_tokens] bool for SDPA (True = may attend); None = all allowed
+
+
+def masks_from_boxes(boxes: Tensor, q_h: int, q_w: int, num_id_tokens: int, routing: bool = True) -> RegionMasks:
+    """Region masks of one query grid from boxes [R, N, 4], computed on the boxes' device.
+
+    A query belongs to a box when its cell centre lies inside it; comparisons are in float64, so
+    a box rebuilt on the host from returned coordinates gives the same masks. Inside some boxes a
+    query may read only the containing identities' tokens, outside every box all of them.
+    ``routing=False`` allows every identity everywhere, kept as a mask (not None) because the fast
+    path copies it into a static buffer.
+    """
+    device = boxes.device
+    boxes = boxes.to(torch.float64)
+    num_ids = boxes.shape[1]
+    ys = (torch.arange(q_h, dtype=torch.float64, device=device) + 0.5) / q_h  # [q_h] cell centres
+    xs = (torch.arange(q_w, dtype=torch.float64, device=device) + 0.5) / q_w  # [q_w]
+    y0, x0, y1, x1 = (boxes[..., i, None, None] for i in range(4))  # each [R, N, 1, 1]
+    in_y = (ys[:, None] >= y0) & (ys[:, None] < y1)  # [R, N, q_h, 1]
+    in_x = (xs[None, :] >= x0) & (xs[None, :] < x1)  # [R, N, 1, q_w]
+    inside = (in_y & in_x).flatten(2).transpose(1, 2).contiguous()  # [R, HW, N]
+    inside_any = inside.any(-1)  # [R, HW]
+    allowed = None
+    if num_ids > 1:
+        per_id = inside | ~inside_any[..., None]  # [R, HW, N]
+        if not routing:
+            per_id = torch.ones_like(per_id)
+        allowed = per_id.repeat_interleave(num_id_tokens // num_ids, dim=-1).unsqueeze(1)  # [R, 1, HW, N*K]
+    return RegionMasks(inside=inside, inside_any=inside_any, allowed=allowed)

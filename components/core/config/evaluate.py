@@ -34,6 +34,9 @@ class EvaluateParams(StrictModel):
     negative_prompt: str = ""
     multi_id: list[int] = Field([2, 3], description="identity counts of the multi-ID cases")
     multi_groups: int = Field(1, ge=1, description="groups of references per identity count")
+    layouts: list[Literal["boxes", "strips"]] = Field(
+        [], description="also generate every multi-ID case with these layouts, reported as multi<N>_boxes / "
+        "multi<N>_strips next to multi<N> (the default layout: auto for 2-4 people); docs/evaluation.md")
     edits: list[str] = Field(["the expression is happy", "the face is turned to the left"],
                              description="expression/pose edits, in face-prompt words (model.motion)")
     landmark_edits: bool = Field(True, description="also edit each held-out person to the landmarks of another "

@@ -1,0 +1,1 @@
+"""``dynamicid import-release``: the research release's weight files -> a dynamicid checkpoint."""
