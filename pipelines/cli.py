@@ -85,6 +85,9 @@ def run_local(args: argparse.Namespace, params) -> int:
     with warnings.catch_warnings():
         # The project image is not a "python" image by name; locally it is this environment anyway.
         warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
+        # Task names are for the cluster's UI; the local runner says it ignores them, once per named task.
+        warnings.filterwarnings("ignore", message=r".*settings \['display_name'\] have no effect in the current "
+                                "local runner.*", category=UserWarning)
         try:
             result = pipeline(deploy_args=["--wait"] if args.deploy else ["--dry-run"])
         except RuntimeError as err:
