@@ -19,6 +19,17 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
 
+class AutoLayoutSettings(StrictModel):
+    """``layout: auto`` (model/saa/auto_run.py): how long SAA's maps are observed and how they become regions."""
+
+    switch_step: int = Field(2, ge=1, description="denoising steps observed (no routing) before the regions are "
+                             "fixed from SAA's maps; clamped to the step count - 1")
+    map_level: int = Field(2, ge=0, description="UNet level whose query grid the maps are read at (2: 16x16 at "
+                           "SD1.5's 64x64 latents; the deepest level on smaller UNets)")
+    min_cells: int = Field(3, ge=2, le=3, description="shortest side of a region, in cells of the 12x12 grid the "
+                           "regions are cut on (3: a quarter of the image, the most that still holds 4 strips)")
+
+
 class SAAParams(StrictModel):
     """Inference-time knobs of Semantic-Activated Attention (method.md, SAA)."""
 
@@ -30,6 +41,7 @@ class SAAParams(StrictModel):
     compat: Literal["auto", "dynamicid", "release"] = Field(
         "auto", description="inference conventions: auto = what the checkpoint records (release for weights "
         "imported with `dynamicid import-release`, dynamicid otherwise); docs/release.md")
+    auto: AutoLayoutSettings = AutoLayoutSettings()
 
 
 class FaceEncoderParams(StrictModel):

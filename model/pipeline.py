@@ -409,7 +409,7 @@ class DynamicIDPipeline(DiffusionPipeline):
                 latent_hw=(lh, lw), id_scale=id_scale_arg, gating=saa.gating, tau=saa.tau, boost=saa.boost,
                 **compat.context_options(compat.mode_of(self), saa))
         auto = None if ctx is None or layout_used != "auto" else AutoLayoutRun(  # observe, then route (fixed step)
-            ctx, batch=b, cfg=do_cfg, num_steps=num_inference_steps, device=device,
+            ctx, batch=b, cfg=do_cfg, num_steps=num_inference_steps, device=device, params=saa.auto,
             levels=len(self.unet.config.block_out_channels), boost_steps=compat.boost_steps(compat.mode_of(self), saa))
         # Timesteps stay on the host: diffusers' schedulers index with them every step, and a
         # device tensor would force a host-GPU sync per step (measured: docs/benchmarks.md).

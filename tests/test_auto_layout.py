@@ -278,6 +278,29 @@ def test_auto_runs_end_to_end_switches_at_its_step_and_returns_boxes(pipes, monk
     assert len({id(s[4]) for s in seen[switch:]}) == 1  # one switch: the same routed context from then on
 
 
+def test_params_choose_the_switch_step_and_the_map_grid(pipes, monkeypatch):
+    """model.saa.auto reaches the run: a later switch (3), maps read at the full latent grid (level 0, where
+    the default reads level 2, clamped to the tiny UNet's deepest), a rule whose regions may be a sixth of
+    the image (min_cells 2), all from params alone."""
+    from model.config import AutoLayoutSettings
+
+    plain, _, _ = pipes
+    settings = AutoLayoutSettings(switch_step=3, map_level=0, min_cells=2)
+    monkeypatch.setattr(plain.model_params.saa, "auto", settings)
+    rules = []
+    monkeypatch.setattr(AutoLayoutRule, "__call__",
+                        lambda self, maps: rules.append(self) or HORIZONTAL.expand(maps.shape[0], -1, -1))
+    seen, step = _spy(plain)
+    monkeypatch.setattr(plain, "step_runner", step)
+    out = plain("a photo of two people", _ids(plain, 2), num_inference_steps=6, seed=3, output_type="pt")
+    latent = 64 // 2 ** (len(plain.vae.config.block_out_channels) - 1)
+    assert out.layout_maps.shape == (1, 2, latent, latent)
+    assert [s[0] for s in seen] == ["IDContext"] * 3 + ["RoutedIDContext"] * 3
+    assert [r.min_cells for r in rules] == [2]
+    with pytest.raises(ValueError, match="min_cells"):
+        AutoLayoutSettings(min_cells=1)
+
+
 def test_auto_on_the_fast_path_matches_the_plain_path(pipes, monkeypatch):
     plain, fast, handle = pipes
     monkeypatch.setattr(AutoLayoutRule, "__call__", lambda self, maps: HORIZONTAL.expand(maps.shape[0], -1, -1))

@@ -25,7 +25,6 @@ from model.fast.processor import (
     fast_processors,
     install_fast_processors,
 )
-from model.saa.auto_run import DEFAULT_MAP_LEVEL
 from model.saa.install import merge_lora
 
 log = logging.getLogger(__name__)
@@ -189,4 +188,4 @@ def _warm(pipe, runner: BucketStepRunner, specs: Sequence[tuple[int, int, int]],
         runner.warm(batch, (height // vsf, width // vsf), num_ids, channels=unet.config.in_channels,
                     text_len=pipe.tokenizer.model_max_length, cross_dim=unet.config.cross_attention_dim,
                     dtype=unet.dtype, device=torch.device(pipe.device), num_tokens=pipe.dims.num_tokens,
-                    gating=saa.gating, tau=saa.tau, boost=saa.boost, record_level=DEFAULT_MAP_LEVEL)
+                    gating=saa.gating, tau=saa.tau, boost=saa.boost, record_level=saa.auto.map_level)

@@ -44,6 +44,12 @@ class AutoLayoutParams:
     map_level: int = DEFAULT_MAP_LEVEL
     rule: AutoLayoutRule = AutoLayoutRule()
 
+    @classmethod
+    def from_settings(cls, settings: Any) -> "AutoLayoutParams":
+        """From ``model.saa.auto`` (model.config.AutoLayoutSettings)."""
+        return cls(switch_step=settings.switch_step, map_level=settings.map_level,
+                   rule=AutoLayoutRule(min_cells=settings.min_cells))
+
 
 def resolve_layout(per_sample: Sequence[Sequence[Any]], layout: str | None,
                    error: type[ValueError] = ValueError) -> str:
@@ -80,7 +86,9 @@ class AutoLayoutRun:
     """
 
     def __init__(self, ctx: IDContext, *, batch: int, cfg: bool, num_steps: int, boost_steps: int, levels: int,
-                 device: torch.device | str, params: AutoLayoutParams = AutoLayoutParams()):
+                 device: torch.device | str, params: Any = AutoLayoutParams()):
+        # params: AutoLayoutParams, or the ``model.saa.auto`` settings it is made from
+        params = params if isinstance(params, AutoLayoutParams) else AutoLayoutParams.from_settings(params)
         self.params = params
         self.batch, self.reps = batch, 2 if cfg else 1
         self.switch_step = max(0, min(params.switch_step, num_steps - 1))
