@@ -2,7 +2,9 @@
 
 Sections (all in one run, on one GPU): ``step`` (UNet step time + peak memory, with the fast
 path's correctness checks), ``image`` (whole-image latency), ``train`` (stage-1 images/s and
-peak memory), ``serve`` (a running server, if given). Prints one table last and writes
+peak memory), ``serve`` (a running server, if given; else engine + batcher in process), ``serve_http``
+(the real server over HTTP next to the pipeline in process, benchmarks/serve_http_bench.py; not in the
+default list: it starts a server). Prints one table last and writes
 ``DIR/benchmark.json`` (rewritten after every section, so a cut-off run keeps what it measured).
 """
 
@@ -40,7 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="benchmarks/results", help="directory for benchmark.json and table.txt")
-    p.add_argument("--size", choices=("sd15", "smoke"), default="sd15", help="smoke: toy widths, for a CPU dry run")
+    p.add_argument("--size", choices=("sd15", "smoke", "tiny"), default="sd15",
+                   help="smoke: toy widths, for a CPU dry run; tiny: the embedded profile (serve_http only)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--sections", default="step,image,train,serve")
     p.add_argument("--res", type=_ints, default=[512, 768], help="step resolutions (px)")
@@ -58,7 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma list of train.gradient_checkpointing modes timed with the compiled UNet "
                         "(true, high_res; empty = none)")
     p.add_argument("--no-train-compile", action="store_true",
-                   help="time the shipped trainer with an eager UNet (train.compile_unet: off): skips minutes of compiling")
+                   help="time the shipped trainer with an eager UNet (train.compile_unet: off): "
+                   "skips minutes of compiling")
     p.add_argument("--image-profile", action="store_true", help="write torch.profiler tables of whole images")
     p.add_argument("--no-ablations", action="store_true", help="skip the eager-gate step variant")
     p.add_argument("--no-checks", action="store_true")
@@ -74,6 +78,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="in-process serving (no --server-url): closed-loop client counts")
     p.add_argument("--serve-requests", type=int, default=6, help="in-process serving: requests per client")
     p.add_argument("--serve-max-batch", type=int, default=8, help="in-process serving: the batcher's max batch")
+    p.add_argument("--http-levels", type=_ints, default=[1, 2, 4, 8, 16], help="serve_http: client concurrencies")
+    p.add_argument("--http-requests", type=int, default=16,
+                   help="serve_http: timed requests per cell (at least --http-min-per-client per client)")
+    p.add_argument("--http-min-per-client", type=int, default=3, help="serve_http: closed-loop requests per client")
+    p.add_argument("--http-protocols", default="v1,v2")
+    p.add_argument("--http-formats", default="png,jpeg", help="serve_http: how the reference photo is sent")
+    p.add_argument("--http-ids", type=int, default=1)
+    p.add_argument("--http-max-batch", type=int, default=8, help="serve_http: serve.max_batch_size")
+    p.add_argument("--http-reps", type=int, default=10, help="serve_http: in-process pipeline images timed")
     return p.parse_args(argv)
 
 
@@ -152,11 +165,13 @@ def evaluate(results: dict) -> list[dict]:
             for n in (1, 2):
                 r = ratio(_median(rows, "step", "release design", res, n), _median(rows, "step", "saa fast", res, n))
                 add(f"step 768px {n} id: release design / SAA [contiguous]", r,
-                    f">= {TARGETS['release_speedup_768_min']}", r is not None and r >= TARGETS["release_speedup_768_min"])
+                    f">= {TARGETS['release_speedup_768_min']}",
+                    r is not None and r >= TARGETS["release_speedup_768_min"])
                 r = ratio(_median(rows, "step", "release design", res, n),
                           _median(rows, "step", "saa fast [cl]", res, n))
                 add(f"step 768px {n} id: release design / SAA [fast path, cl]", r,
-                    f">= {TARGETS['release_speedup_768_min']}", r is not None and r >= TARGETS["release_speedup_768_min"])
+                    f">= {TARGETS['release_speedup_768_min']}",
+                    r is not None and r >= TARGETS["release_speedup_768_min"])
                 m = ratio(_median(rows, "step", "release design", res, n, "peak_gib"),
                           _median(rows, "step", "saa fast [cl]", res, n, "peak_gib"))
                 add(f"step 768px {n} id: release design / SAA peak memory (info)", m, "-", True)
@@ -191,6 +206,8 @@ def evaluate(results: dict) -> list[dict]:
             m = p["peak_gib"] / rel["peak_gib"]
             add(f"stage-1 ({label}): peak memory ratio", m, f"<= {TARGETS['train_memory_ratio_max']}",
                 m <= TARGETS["train_memory_ratio_max"])
+    for t in results.get("serve_http", {}).get("targets", []):
+        add(f"served {t['target']}", t["measured"], t["limit"], t["met"])
     for name, check in results.get("checks", {}).items():
         add(f"check {name}: max rel err", check.get("max_rel_err"), f"< {check.get('tolerance')}",
             check.get("passed"))
@@ -216,7 +233,8 @@ def table(results: dict) -> str:
             pk = r.get("peak_gib")
             xm = f"{pk / base_mem:7.3f}" if pk and base_mem else f"{'':>7}"
             pks = f"{pk:9.3f}" if pk else f"{'':>9}"
-            lines.append(f"{sec:<10} {r['variant']:<46} {r['res']:>4} {r['ids']:>3} {r['median_ms']:>10.3f} {x} {pks} {xm}")
+            lines.append(f"{sec:<10} {r['variant']:<46} {r['res']:>4} {r['ids']:>3} {r['median_ms']:>10.3f} "
+                         f"{x} {pks} {xm}")
         elif sec == "image":
             base = _median(rows, "image", r["variant"], r["res"], 0)
             x = f"{r['median_ms'] / base:7.3f}" if base else f"{'':>7}"
@@ -233,10 +251,15 @@ def table(results: dict) -> str:
         lines.append(f"serve      {serve['mode']}, {serve['res']} px, {serve['steps']} steps, 1 id, max batch "
                      f"{serve['max_batch']}, fast path {serve['fast_path']} (excluded: {serve['excluded']})")
         for lv in serve["levels"]:
-            lines.append(f"serve      concurrency {lv['concurrency']:>2}: p50 {lv['p50_s']:.3f} s, p95 {lv['p95_s']:.3f} s, "
-                         f"{lv['images_per_s']:.2f} img/s, mean batch {lv['mean_batch']} ({lv['requests']} requests)")
+            lines.append(f"serve      concurrency {lv['concurrency']:>2}: p50 {lv['p50_s']:.3f} s, "
+                         f"p95 {lv['p95_s']:.3f} s, {lv['images_per_s']:.2f} img/s, mean batch {lv['mean_batch']} "
+                         f"({lv['requests']} requests)")
     elif serve:
         lines.append(f"serve      {serve.get('status')}: {serve.get('reason') or serve}")
+    if results.get("serve_http"):
+        from benchmarks.serve_http_report import markdown
+
+        lines.append(markdown(results["serve_http"]).rstrip())
     for key in ("image_info", "train_info"):
         if results.get(key):  # profiles are long: they are in the log and benchmark.json
             shown = {k: v for k, v in results[key].items() if not k.startswith("gpu_profile")}
@@ -349,6 +372,15 @@ def main(argv: list[str] | None = None) -> int:
                 results["serve"] = run_inprocess(args.size, device, args.serve_levels, args.serve_requests,
                                                  args.steps, args.image_res, log, max_batch=args.serve_max_batch)
         section("serve", serve)
+    if "serve_http" in sections:
+        from benchmarks.serve_http_bench import run_serve_http
+
+        def serve_http() -> None:
+            results["serve_http"] = run_serve_http(
+                args.size, args.device, args.http_levels, args.http_requests, args.steps, args.image_res, args.http_ids,
+                args.http_protocols.split(","), args.http_formats.split(","), args.http_max_batch, args.http_reps, out,
+                log, command=results["env"]["command"], min_per_client=args.http_min_per_client)
+        section("serve_http", serve_http)
     if args.compile_probe and device.type == "cuda":  # last: building it takes minutes
         from benchmarks.step_bench import StepBench
 

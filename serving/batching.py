@@ -11,7 +11,10 @@ key, so the same code batches v1 and v2 requests, locally and in the pod.
   503 at once instead of queueing without bound.
 - Batcher: one consumer that runs one batch at a time (one model, one GPU). The oldest group is
   dispatched when it is full or when its first request has waited ``window_s``; while a batch
-  runs, new requests pile up and the next batch is fuller, so throughput grows with load.
+  runs, new requests pile up and the next batch is fuller, so throughput grows with load. The
+  window only holds a group while more requests are on their way (``expected``: admitted, still
+  being validated or encoded): a request with nothing behind it would wait the whole window for
+  company that cannot come (a lone client paid it on every image).
 """
 
 from __future__ import annotations
@@ -61,8 +64,9 @@ class Batcher(Generic[K, T, R]):
     """
 
     def __init__(self, run: Callable[[K, list[T]], Awaitable[list[R]]], max_batch_size: int, window_s: float,
-                 on_batch: Callable[[int], None] | None = None) -> None:
+                 on_batch: Callable[[int], None] | None = None, expected: Callable[[], int] | None = None) -> None:
         self._run = run
+        self._expected = expected  # items on their way (None: unknown, always hold the window)
         self.max_batch_size = max_batch_size
         self.window_s = window_s
         self._on_batch = on_batch
@@ -81,6 +85,10 @@ class Batcher(Generic[K, T, R]):
         self._groups.setdefault(key, []).append(entry)
         self._wake.set()
         return await entry.future  # cancelling the caller cancels the future: the consumer skips it
+
+    def nudge(self) -> None:
+        """Re-evaluate the waiting groups now (an expected item will not come after all)."""
+        self._wake.set()
 
     async def close(self) -> None:
         if self._consumer is not None:
@@ -101,7 +109,7 @@ class Batcher(Generic[K, T, R]):
         key = min(self._groups, key=lambda k: self._groups[k][0].arrival)
         group = self._groups[key]
         wait = group[0].arrival + self.window_s - time.monotonic()
-        if len(group) < self.max_batch_size and wait > 0:
+        if len(group) < self.max_batch_size and wait > 0 and (self._expected is None or self._expected() > 0):
             return wait
         batch, rest = group[: self.max_batch_size], group[self.max_batch_size:]
         if rest:

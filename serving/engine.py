@@ -14,6 +14,8 @@
   untouched; on CUDA the hooks synchronise at stage boundaries so GPU time lands in the right stage.
 - A batch whose requests have all passed their deadline stops at the next UNet step instead of
   keeping the GPU busy for nobody.
+- A job carrying its request's ``RequestTiming`` (serving/timing.py) gets the same stage times as
+  per-request phases: every request of a batch waited for the whole batch.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from model.pipeline import EncodedIdentities, GenerationError, IdentityInput
 from serving.errors import ServingError, bad_request
 from serving.metrics import ServingMetrics
 from serving.schema import GenerationRequest, identity_index
+from serving.timing import RequestTiming
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,7 @@ class Job:
     encoded: EncodedIdentities
     deadline: float                       # time.monotonic() after which nobody waits for it
     started: float | None = None          # when its batch started (queue-time metric)
+    timing: RequestTiming | None = None   # its request's phases (serving.timing), when timed
 
 
 @dataclass
@@ -143,8 +147,12 @@ class Engine:
             self.metrics.observe(stage, seconds)
 
     # ------------------------------------------------------------------ per request
-    def encode(self, req: GenerationRequest) -> tuple[list[IdentityInput], EncodedIdentities]:
-        """Face analysis + encoders for one request; a bad identity raises a 400 naming it."""
+    def encode(self, req: GenerationRequest, timing: RequestTiming | None = None
+               ) -> tuple[list[IdentityInput], EncodedIdentities]:
+        """Face analysis + encoders for one request; a bad identity raises a 400 naming it. With a
+        ``timing``: its encode_wait (since its ``encode_submitted`` mark), face_analysis and id_encoding."""
+        if timing is not None:
+            timing.since("encode_wait", "encode_submitted")
         ids = [IdentityInput(image=i.image, bbox=i.bbox, expression=i.expression, driving_image=i.driving_image,
                              landmarks=i.landmarks) for i in req.identities]
         self._face.seconds = 0.0
@@ -158,6 +166,9 @@ class Engine:
         total = self._now() - t
         self._observe("face_analysis", self._face.seconds)
         self._observe("encoding", total - self._face.seconds)
+        if timing is not None:
+            timing.set("face_analysis", self._face.seconds)
+            timing.set("id_encoding", total - self._face.seconds)
         return ids, encoded
 
     # ------------------------------------------------------------------ per batch
@@ -171,6 +182,9 @@ class Engine:
             j.started = now
         self._batch = clock
         t = time.perf_counter()
+        for j in jobs:
+            if j.timing is not None:
+                j.timing.set("batch_wait", t - j.timing.marks.get("batch_submitted", t))
         try:
             out = self.pipe(
                 [r.prompt for r in reqs], [j.identities for j in jobs],
@@ -186,6 +200,7 @@ class Engine:
             self._observe("denoising", clock.decode_start - clock.denoise_start)
         if clock.decode_start is not None and clock.decode_end is not None:
             self._observe("decode", clock.decode_end - clock.decode_start)
+        _time_jobs(jobs, t, clock)
         log.debug("batch of %d (%dx%d, %d steps) in %.3f s", len(jobs), width, height, steps, time.perf_counter() - t)
         return [
             GenerationResult(image=img, seed=seed,
@@ -211,7 +226,37 @@ class Engine:
         ident = IdentityInput(embedding=emb, clip_features=feats, expression="smiling")
         pipe("warm-up", [ident], num_inference_steps=1, guidance_scale=guidance_scale, height=height, width=width,
              seed=0)
+        self._warm_ident = ident
         return time.perf_counter() - t
+
+    def warm_batches(self, height: int, width: int, guidance_scale: float, max_batch: int) -> list[int]:
+        """One 1-step generation per batch size 2..max_batch (1 identity, after ``warm_up``): CUDA graphs
+        are captured per shape, and without this the first request to land in a batch of a new size
+        pays its capture in the middle of traffic. Returns the sizes warmed."""
+        ident = self._warm_ident
+        sizes = list(range(2, max_batch + 1))
+        for b in sizes:
+            self.pipe(["warm-up"] * b, [[ident]] * b, negative_prompt=[""] * b, num_inference_steps=1,
+                      guidance_scale=[guidance_scale] * b, height=height, width=width, seed=list(range(b)))
+        return sizes
+
+
+def _time_jobs(jobs: Sequence[Job], start: float, clock: _BatchClock) -> None:
+    """The batch's phases into each timed job: every request of a batch waited for all of it."""
+    setup = denoise = decode = None
+    if clock.denoise_start is not None:
+        setup = clock.denoise_start - start
+        if clock.decode_start is not None:
+            denoise = clock.decode_start - clock.denoise_start
+            if clock.decode_end is not None:
+                decode = clock.decode_end - clock.decode_start
+    for j in jobs:
+        if j.timing is not None:
+            j.timing.set("batch_setup", setup)
+            j.timing.set("denoising", denoise)
+            j.timing.set("vae_decode", decode)
+            j.timing.batch_size = len(jobs)
+            j.timing.marks["batch_done"] = clock.decode_end or time.perf_counter()
 
 
 _TARGET_FIELD = re.compile(r"identity \d+: (driving_image|landmarks): ")
@@ -242,7 +287,8 @@ def _identity_error(message: str, req: GenerationRequest) -> ServingError:
     target = _TARGET_FIELD.match(message)
     if target and i is not None:
         name = target.group(1)
-        reason = "bad_landmarks" if name == "landmarks" else ("no_face" if "face" in message.lower() else "bad_identity")
+        face = "no_face" if "face" in message.lower() else "bad_identity"
+        reason = "bad_landmarks" if name == "landmarks" else face
         return bad_request(reason, message[target.end():], req.field(f"identities[{i}].{name}"))
     reason = "no_face" if "face" in message.lower() else "bad_identity"
     field = req.field(f"identities[{i}]") if i is not None else req.field("identities")

@@ -12,6 +12,8 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 STAGES = ("validation", "queue", "face_analysis", "encoding", "denoising", "decode", "total")
 # Diffusion latencies span milliseconds (tiny CPU model, validation) to minutes (SD1.5, many steps).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
+# Phases go down to sub-millisecond host work (parsing, PNG encoding of a small image).
+PHASE_BUCKETS = (0.0005, 0.001, 0.0025) + LATENCY_BUCKETS
 
 
 class ServingMetrics:
@@ -36,6 +38,9 @@ class ServingMetrics:
         self.stage = Histogram("dynamicid_stage_seconds", "latency per stage (per request; per batch for "
                                "denoising and decode)", labels + ["stage"], buckets=LATENCY_BUCKETS,
                                registry=registry)
+        self.phase = Histogram("dynamicid_phase_seconds", "per request, arrival to response, by phase "
+                               "(serving.timing: disjoint intervals; other = the rest, total = all)",
+                               labels + ["phase"], buckets=PHASE_BUCKETS, registry=registry)
 
     def request(self, protocol: str, n: int = 1) -> None:
         self.requests.labels(self.model_name, protocol).inc(n)
@@ -45,6 +50,11 @@ class ServingMetrics:
 
     def observe(self, stage: str, seconds: float) -> None:
         self.stage.labels(self.model_name, stage).observe(seconds)
+
+    def phases(self, timing) -> None:
+        """Every phase of one answered request (a serving.timing.RequestTiming)."""
+        for phase, seconds in timing.finish().items():
+            self.phase.labels(self.model_name, phase).observe(seconds)
 
     def batch(self, size: int) -> None:
         self.batch_size.labels(self.model_name).observe(size)
@@ -57,4 +67,4 @@ class ServingMetrics:
         self.waiting.labels(self.model_name).set(waiting)
 
 
-__all__ = ["ServingMetrics", "STAGES", "LATENCY_BUCKETS"]
+__all__ = ["ServingMetrics", "STAGES", "LATENCY_BUCKETS", "PHASE_BUCKETS"]

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from model.motion_targets import LAYOUT_NAMES
 from serving.errors import FieldNamer, ServingError, bad_request, same_name
 from serving.images import decode_image, encoded_limit
+from serving.timing import RequestTiming, timed
 
 SEED_LIMIT = 2**32
 MAX_COORD = 1e6  # |landmark coordinate| in pixels: far beyond any image the limits let through
@@ -257,8 +258,9 @@ class RequestSchema:
             msg += f" (and {len(problems) - 1} more: {others})"
         return bad_request(reason, msg, namer(path))
 
-    def parse(self, raw: Any, namer: FieldNamer = same_name) -> GenerationRequest:
-        """A JSON instance -> GenerationRequest; images decoded only after every other field passed."""
+    def parse(self, raw: Any, namer: FieldNamer = same_name, timing: RequestTiming | None = None) -> GenerationRequest:
+        """A JSON instance -> GenerationRequest; images decoded only after every other field passed
+        (their decoding is added to ``timing``'s image_decode phase)."""
         if not isinstance(raw, dict):
             raise bad_request("invalid_field", f"expected a JSON object, got {type(raw).__name__}", namer("") or None)
         try:
@@ -268,12 +270,13 @@ class RequestSchema:
         lim = self.limits
         identities = []
         for i, ident in enumerate(inst.identities):
-            image = decode_image(ident.image, namer(f"identities[{i}].image"), lim.max_image_bytes,
-                                 lim.max_image_pixels, lim.image_formats)
-            driving = None
-            if ident.driving_image is not None:
-                driving = decode_image(ident.driving_image, namer(f"identities[{i}].driving_image"),
-                                       lim.max_image_bytes, lim.max_image_pixels, lim.image_formats)
+            with timed(timing, "image_decode"):
+                image = decode_image(ident.image, namer(f"identities[{i}].image"), lim.max_image_bytes,
+                                     lim.max_image_pixels, lim.image_formats)
+                driving = None
+                if ident.driving_image is not None:
+                    driving = decode_image(ident.driving_image, namer(f"identities[{i}].driving_image"),
+                                           lim.max_image_bytes, lim.max_image_pixels, lim.image_formats)
             lmk = None if ident.landmarks is None else np.asarray(ident.landmarks, dtype=np.float32)  # [L, 2]
             identities.append(IdentityRequest(image=image, bbox=tuple(ident.bbox) if ident.bbox else None,
                                               expression=ident.expression, driving_image=driving, landmarks=lmk))

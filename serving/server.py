@@ -42,6 +42,7 @@ from kserve.protocol.rest.server import RESTServer
 from serving.errors import ServingError, bad_request, too_large
 from serving.metrics import ServingMetrics
 from serving.schema import field_path
+from serving.timing import PhaseTimingMiddleware
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +169,9 @@ class DynamicIDRESTServer(RESTServer):
     the model loads)."""
 
     def __init__(self, *args, host: str, max_body_bytes: int, metrics: ServingMetrics, retry_after_s: int,
-                 playground_model: str | None = None, **kwargs) -> None:
+                 playground_model: str | None = None, server_timing: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.server_timing = server_timing
         self.config.host = host
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
@@ -187,6 +189,8 @@ class DynamicIDRESTServer(RESTServer):
         super()._add_middlewares(app)
         app.add_middleware(BodyLimitMiddleware, max_bytes=self.max_body_bytes)
         app.add_middleware(RouteFilterMiddleware)
+        # last added = outermost: a request's phases start before the body limit and routing
+        app.add_middleware(PhaseTimingMiddleware, observe=self.metrics.phases, header=self.server_timing)
 
     def _add_exception_handlers(self, app: FastAPI) -> None:
         super()._add_exception_handlers(app)
@@ -248,13 +252,15 @@ class DynamicIDRESTServer(RESTServer):
 
 class DynamicIDModelServer(ModelServer):
     def __init__(self, host: str, http_port: int, max_body_bytes: int, metrics: ServingMetrics,
-                 retry_after_s: int = 2, grace_period: int = 30, playground: bool = True) -> None:
+                 retry_after_s: int = 2, grace_period: int = 30, playground: bool = True,
+                 server_timing: bool = False) -> None:
         super().__init__(http_port=http_port, enable_grpc=False, workers=1, grace_period=grace_period)
         self.host = host
         self.max_body_bytes = max_body_bytes
         self.retry_after_s = retry_after_s
         self.metrics = metrics
         self.playground = playground
+        self.server_timing = server_timing
         self.dataplane = ModelsReadyDataPlane(model_registry=self.registered_models)
 
     def start(self, models: list) -> None:
@@ -268,6 +274,7 @@ class DynamicIDModelServer(ModelServer):
             event_loop=self.event_loop, timeout_keep_alive=self.timeout_keep_alive,
             host=self.host, max_body_bytes=self.max_body_bytes, metrics=self.metrics, retry_after_s=self.retry_after_s,
             playground_model=models[0].name if models and self.playground else None,
+            server_timing=self.server_timing,
         )
         self.servers.append(self._rest_server.start())
         self.servers.extend(m.start_engine() for m in models if m.engine)
@@ -279,16 +286,17 @@ class DynamicIDModelServer(ModelServer):
         asyncio.run(self._serve())
 
 
-def serve(params, model_uri: str | None = None, trace_log: bool = False) -> None:
+def serve(params, model_uri: str | None = None, trace_log: bool = False, pipeline_factory=None) -> None:
     """Run the model server until SIGINT/SIGTERM (``dynamicid serve``). ``trace_log``: keep KServe's
-    two timing log lines per HTTP request (health checks included)."""
+    two timing log lines per HTTP request (health checks included). ``pipeline_factory``: build the
+    pipeline in code instead of loading ``model_uri`` (the HTTP benchmark's SD1.5-size random weights)."""
     from serving.predictor import DynamicIDModel
 
     s = params.serve
     metrics = ServingMetrics(s.model_name, s.max_batch_size)
-    model = DynamicIDModel(params, model_uri=model_uri, metrics=metrics)
+    model = DynamicIDModel(params, model_uri=model_uri, metrics=metrics, pipeline_factory=pipeline_factory)
     server = DynamicIDModelServer(s.host, s.http_port, s.max_body_bytes, metrics, retry_after_s=s.retry_after_s,
-                                  playground=s.playground)
+                                  playground=s.playground, server_timing=s.server_timing)
     if not trace_log:  # after the server's constructor, which configures KServe's logging
         logging.getLogger("kserve.trace").setLevel(logging.WARNING)
     server.start([model])

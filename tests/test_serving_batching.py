@@ -46,6 +46,33 @@ def test_same_key_items_share_batches_up_to_the_limit_in_arrival_order():
     assert [items for _, items in rec.batches] == [[0, 1], [2, 3], [4]]
 
 
+def test_the_window_holds_a_group_only_while_more_items_are_on_their_way():
+    """A lone request does not wait the window for company that cannot come; with one on its way
+    (still being encoded) the group waits for it, and goes once it arrives or is given up."""
+    async def go():
+        rec, coming = Recorder(), [0]
+        b = Batcher(rec, max_batch_size=4, window_s=600.0, expected=lambda: coming[0])
+        alone = await asyncio.wait_for(b.submit("k", 1), 30)  # far inside the window
+        coming[0] = 1
+        held = asyncio.ensure_future(b.submit("k", 2))
+        await asyncio.sleep(0.3)
+        was_held = not held.done()
+        coming[0] = 0
+        pair = await asyncio.wait_for(asyncio.gather(held, b.submit("k", 3)), 30)
+        coming[0] = 1
+        late = asyncio.ensure_future(b.submit("k", 4))
+        await asyncio.sleep(0.3)
+        coming[0] = 0  # the expected one failed before reaching the batcher
+        b.nudge()
+        last = await asyncio.wait_for(late, 30)
+        await b.close()
+        return rec, alone, was_held, pair, last
+
+    rec, alone, was_held, pair, last = asyncio.run(go())
+    assert alone == "k:1" and was_held and pair == ["k:2", "k:3"] and last == "k:4"
+    assert [items for _, items in rec.batches] == [[1], [2, 3], [4]]
+
+
 def test_different_keys_never_mix():
     async def go():
         rec = Recorder()

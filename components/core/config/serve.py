@@ -34,6 +34,8 @@ class ServeParams(StrictModel):
     request_timeout_s: float = Field(120.0, gt=0, description="per-request limit, queueing included; then 504")
     warmup: bool = Field(True, description="one small generation before reporting ready")
     playground: bool = Field(True, description="serve the playground page at /playground/ (and its face check)")
+    server_timing: bool = Field(False, description="add a Server-Timing header (per-phase milliseconds, "
+                                "serving.timing) to predict answers; the phases are in /metrics either way")
     cpu_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads when serving on CPU; null = torch's default. Set it to "
         "the container's CPU limit: more threads than cores makes OpenMP spin and run many times slower",
