@@ -1,13 +1,16 @@
 """Stage-1 training throughput and peak memory: the project's trainer vs the release design.
 
-The step is the trainer's own code: ``components.train.tasks.AnchorTask`` fed through
-``components.train.data`` (the slot sampler, ``AnchorSamples``, ``collate``, a pinned
-DataLoader, ``to_device``) on SD1.5-size random-weight models, batch 8, 512 px, bf16 as the
-trainer runs it (frozen base and trainable parts in bf16, fp32 master weights and AdamW
-moments: what DeepSpeed's bf16 mode keeps; DeepSpeed itself is not installed on the benchmark
-machine, so a small equivalent optimizer stands in). Like the trainer's loop, the timed steps keep
-their losses on the device and read them on the host in one transfer at the end (the loop reads
-every ``train.log_every`` = 10 steps; 8 timed steps fit in one such burst).
+The project's rows ("project SAA...") run the trainer itself: ``components.train.loop.fit`` with
+the real DeepSpeed engine (ZeRO-2, bf16, FusedAdam on a GPU) around ``AnchorTask``, fed by the slot
+sampler and ``AnchorSamples``, on SD1.5-size random-weight models, batch 8, 512 px
+(benchmarks/train_engine.py; issue 17: the earlier rows used a stand-in optimizer and overstated
+the speed). They report the loop's steady-state rate (``images_per_s``; warm-up and compile
+windows excluded), the all-in rate, warm-up and compile time with the compile cache's hits, and the
+peak memory; "..., resumed" rows continue from the first run's checkpoint with a warm compile
+cache. ``engine_rows=False`` (``--train-stand-in``) times the old way instead. The release-design
+rows (the baseline) keep the stand-in bf16 optimizer (fp32 master weights and AdamW moments, what
+DeepSpeed's bf16 mode keeps; the release did not train with DeepSpeed's ZeRO); their timed steps
+keep the losses on the device and read them in one transfer at the end, as the loop does.
 
 * "project SAA" is the trainer as shipped on a GPU (``train.cache_features: true``,
   ``train.compile_unet: auto``): the frozen-feature cache is built by the trainer's own pre-pass
@@ -160,7 +163,8 @@ def profile_steps(step: Callable[[], torch.Tensor], path, steps: int = 3) -> dic
 
 def run_training(size: str, device: torch.device, batch: int, res: int, steps: int, warmup: int,
                  log: Callable, profile_dir=None, compile_unet: bool = True,
-                 compiled_checkpointing: tuple[str, ...] = ("high_res",)) -> tuple[list[dict], dict]:
+                 compiled_checkpointing: tuple[str, ...] = ("high_res",),
+                 engine_rows: bool = True) -> tuple[list[dict], dict]:
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     from components.train.distributed import DistInfo
@@ -178,7 +182,9 @@ def run_training(size: str, device: torch.device, batch: int, res: int, steps: i
     unet = backbone.unet
     samples = _raw_samples(backbone, 4 * batch, res)
     info: dict = {"step_function": "components.train.tasks.AnchorTask fed by components.train.data "
-                                   "(SlotBatches, AnchorSamples, collate, pinned DataLoader, to_device)"}
+                                   "(SlotBatches, AnchorSamples, collate, pinned DataLoader, to_device)",
+                  "engine": ("project rows: components.train.loop.fit with DeepSpeed (steady-state images/s); "
+                             "release rows: stand-in bf16 AdamW") if engine_rows else "stand-in bf16 AdamW"}
     rows: list[dict] = []
 
     def sync() -> None:
@@ -217,7 +223,10 @@ def run_training(size: str, device: torch.device, batch: int, res: int, steps: i
         return row
 
     def run_design(design: str, kind: str, precision: str, cache=None, checkpointing: bool | str = False,
-                   compiled: bool = False) -> None:
+                   compiled: bool = False, resume_row: bool = False) -> None:
+        if kind == "project" and engine_rows:
+            run_engine(design, cache, checkpointing, compiled, resume_row)
+            return
         unet.set_attn_processor(AttnProcessor2_0())
         free(device)
         procs = install_release(unet, lora_rank=rank) if kind == "release" else install_saa(unet, lora_rank=rank)
@@ -232,7 +241,7 @@ def run_training(size: str, device: torch.device, batch: int, res: int, steps: i
         opt = (PlainAdamW if precision == "autocast" else MasterAdamW)(trainable, 1e-4, 1e-2, cuda)
         amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "autocast" and cuda)
         batches = TrainerBatches(samples, batch, res, device, cache=cache)
-        extra: dict = {"precision": precision, "cached_features": cache is not None,
+        extra: dict = {"precision": precision, "cached_features": cache is not None, "engine": "stand-in AdamW",
                        "gradient_checkpointing": checkpointing, "compiled_unet": compiled,
                        "checkpointed_modules": len(task.set_gradient_checkpointing(checkpointing))}
         t0 = time.perf_counter()
@@ -259,10 +268,24 @@ def run_training(size: str, device: torch.device, batch: int, res: int, steps: i
             task.set_gradient_checkpointing(False)
             if compiled:
                 torch._dynamo.reset()  # the next compiled design traces its own flags
-            del opt, procs, trainable, task, batches
+            opt = procs = trainable = task = batches = None  # (step() above closes over these names)
             unet.set_attn_processor(AttnProcessor2_0())
             dyn.face_encoder.to(dtype=dtype)
             free(device)
+
+    def run_engine(design: str, cache, checkpointing: bool | str, compiled: bool, resume_row: bool) -> None:
+        from benchmarks.train_engine import engine_row
+
+        unet.set_attn_processor(AttnProcessor2_0())
+        free(device)
+        dataset = TrainerBatches(samples, batch, res, device, cache=cache, workers=0).loader.dataset
+        with tempfile.TemporaryDirectory() as out:
+            rows.extend(engine_row(design, backbone=backbone, dyn=dyn, model_params=params, dataset=dataset,
+                                   cache=cache, device=device, batch=batch, res=res, steps=steps, out=Path(out),
+                                   checkpointing=checkpointing, compiled=compiled, log=log, resume_row=resume_row))
+        unet.set_attn_processor(AttnProcessor2_0())
+        dyn.face_encoder.to(dtype=dtype)
+        free(device)
 
     # frozen encoders in every step (encoders resident on the device)
     run_design("release design (autocast)", "release", "autocast")
@@ -292,12 +315,15 @@ def run_training(size: str, device: torch.device, batch: int, res: int, steps: i
         run_design("project SAA, eager UNet, high_res checkpointing", "project", "bf16", cache=cache,
                    checkpointing="high_res")
         # the trainer as shipped on a GPU: cached features + train.compile_unet (auto = on for CUDA)
-        run_design("project SAA", "project", "bf16", cache=cache, compiled=compile_unet and cuda)
+        # the last compiled row also resumes from its checkpoint (a warm compile cache): see train_engine.py
+        run_design("project SAA", "project", "bf16", cache=cache, compiled=compile_unet and cuda,
+                   resume_row=not compiled_checkpointing)
         for mode in compiled_checkpointing:  # compiled UNet + train.gradient_checkpointing
             mode_value: bool | str = {"true": True, "false": False}.get(mode, mode)
             label = "gradient checkpointing" if mode_value is True else f"{mode} checkpointing"
             run_design(f"project SAA, {label}" + ("" if compile_unet and cuda else " (eager)"), "project", "bf16",
-                       cache=cache, checkpointing=mode_value, compiled=compile_unet and cuda)
-    del backbone, unet, dyn
+                       cache=cache, checkpointing=mode_value, compiled=compile_unet and cuda,
+                       resume_row=mode == compiled_checkpointing[-1])
+    backbone = unet = dyn = None  # release the models (closures above refer to these names)
     free(device)
     return rows, info

@@ -101,7 +101,8 @@ def run_base(run: StageRun) -> dict[str, float]:
             from diffusers import AutoencoderKL
 
             log.info("VAE phase already complete: %s", vae_dir)
-            bb.vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True, low_cpu_mem_usage=False).to(dist.device)
+            bb.vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True,
+                                                   low_cpu_mem_usage=False).to(dist.device)
             metrics["latent_scale"] = float(bb.vae.config.scaling_factor)
         bb.vae.requires_grad_(False).eval()
         place(bb.vae, dist.device, frozen_dtype(params, dist.device))
@@ -120,7 +121,7 @@ def run_base(run: StageRun) -> dict[str, float]:
             export = _atomic_dir(out / "export", write_base)
             metrics.update(loss_summary(out / "loss.tsv"))
             metrics.update(loss_summary(out / "vae_loss.tsv", "vae_"))
-            metrics.update({"samples_per_s": result.samples_per_s, "world_size": float(dist.world_size)})
+            metrics.update({**result.speed_metrics(), "world_size": float(dist.world_size)})
             _finish(run, tracker, metrics, export)
         dist.barrier()
     return metrics

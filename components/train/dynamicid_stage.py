@@ -159,6 +159,10 @@ def run_dynamicid_stage(run: StageRun) -> dict[str, float]:
     cached = run.stage == "anchor" and train.cache_features
     if run.stage == "anchor":
         compile_unet = train.compile_unet == "on" or (train.compile_unet == "auto" and dist.device.type == "cuda")
+        if compile_unet:  # every rank, before its first compile: compilation is paid once per volume, not per start
+            from components.train.compile_cache import use_compile_cache
+
+            use_compile_cache(out)
         task = AnchorTask(bb, dyn, params.model, train.seed, compile_unet=compile_unet)
         cache = None
         if cached:
@@ -217,7 +221,7 @@ def run_dynamicid_stage(run: StageRun) -> dict[str, float]:
         if result.finished and dist.is_main:
             final = out / "export"
             metrics.update(loss_summary(out / "loss.tsv"))
-            metrics.update({"samples_per_s": result.samples_per_s, "world_size": float(dist.world_size)})
+            metrics.update({**result.speed_metrics(), "world_size": float(dist.world_size)})
             n_check = train.check_images
             if n_check:
                 task.eval()

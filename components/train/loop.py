@@ -19,9 +19,11 @@ import torch
 
 from components.core.errors import UserError
 from components.train.checkpoints import DS_TAG, CheckpointRef, CheckpointStore
+from components.train.compile_cache import CompileWatch
 from components.train.data import SlotBatches, collate, to_device
 from components.train.deepspeed_config import deepspeed_config
 from components.train.distributed import DistInfo
+from components.train.throughput import Throughput
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -56,9 +58,17 @@ class FitResult:
     step: int                                # last completed step
     finished: bool                           # reached spec.steps (not stopped by --max-steps)
     losses: list[float]                      # mean loss of every step run now (all ranks averaged)
-    samples_per_s: float
+    samples_per_s: float                     # all-in: every step run now, warm-up and compilation included
     wall_s: float
     engine: Any = None
+    throughput: Throughput | None = None     # overall and steady-state rates (components/train/throughput.py)
+    compile: dict[str, float] = field(default_factory=dict)  # compile_s, events, cache hits (compile_cache.py)
+
+    def speed_metrics(self, prefix: str = "") -> dict[str, float]:
+        """What metrics.json and MLflow get: overall / steady images per second, warm-up and compile time."""
+        out = self.throughput.metrics(prefix) if self.throughput is not None else {
+            f"{prefix}samples_per_s": self.samples_per_s}
+        return {**out, **{f"{prefix}{k}": v for k, v in self.compile.items()}}
 
 
 def global_batch(stage: "StageParams", world: int) -> int:
@@ -143,7 +153,8 @@ def fit(task: "Task", dataset, spec: FitSpec, *, params: "Params", dist: DistInf
     state = {**spec.state, **identity, "mlflow_run_id": tracker.run_id}
     n_global = global_batch(spec.stage, dist.world_size)
     losses: list[float] = []
-    busy = 0.0
+    meter = Throughput(images_per_step=n_global, start=start)
+    watch = CompileWatch().start()  # tells compile windows from steady ones; stopped in the finally below
     t_start = time.perf_counter()
     bar = tqdm(total=stop, initial=start, desc=f"train {task.name}", disable=not dist.is_main, dynamic_ncols=True,
                mininterval=1.0)
@@ -152,12 +163,16 @@ def fit(task: "Task", dataset, spec: FitSpec, *, params: "Params", dist: DistInf
     # step, so the host keeps queueing steps ahead of the GPU. Every step's row is still written.
     pending: list[tuple[int, float, list[str], torch.Tensor]] = []  # (step, lr, keys, values [len(keys)])
     t_mark = time.perf_counter()
+    events_mark = watch.events
 
     def flush() -> dict[str, float]:
-        nonlocal busy
-        flat = torch.cat([v for *_, v in pending]).cpu().tolist()  # the burst's one host read
-        dt = (time.perf_counter() - t_mark) / len(pending)  # mean wall time per step of the burst
-        busy += dt * len(pending)
+        flat = torch.cat([v for *_, v in pending]).cpu().tolist()  # the burst's one host read (waits for the device)
+        seconds = time.perf_counter() - t_mark
+        window = meter.add(first=pending[0][0], steps=len(pending), seconds=seconds,
+                           compiled=watch.events != events_mark)
+        if window.compiled:  # the first compile, or a recompilation mid-run (left out of the steady rate)
+            log.info("steps %d-%d: %s", window.first, window.first + window.steps - 1, watch.describe())
+        dt = seconds / len(pending)  # mean wall time per step of the burst
         at = 0
         for done, lr, keys, _ in pending:
             record = dict(zip(keys, flat[at:at + len(keys)]))
@@ -170,42 +185,52 @@ def fit(task: "Task", dataset, spec: FitSpec, *, params: "Params", dist: DistInf
         pending.clear()
         return record
 
-    batches = iter(loader)
-    for step in range(start, stop):
-        lr = float(engine.get_lr()[0])
-        sums: dict[str, torch.Tensor] = {}
-        for _ in range(accum):
-            batch = to_device(next(batches), dist.device)
-            loss, parts = engine(batch)
-            engine.backward(loss)
-            engine.step()
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v.float()
-        keys = sorted(sums)
-        values = torch.stack([sums[k] for k in keys]) / accum  # [len(keys)], on the device
-        if dist.world_size > 1:
-            torch.distributed.all_reduce(values)
-            values = values / dist.world_size
-        done = step + 1
-        pending.append((done, lr, keys, values))
-        save = done % train.checkpoint_every == 0 or done == stop
-        draw = dist.is_main and spec.sample is not None and done % train.sample_every == 0
-        if not (save or draw or done % train.log_every == 0):
-            continue
-        flush()
-        if done % train.log_every == 0:
-            tracker.flush()
-        if save:
-            with gathered(engine):
-                spec.store.save(engine, done, state, spec.export, dist)
-        if draw:
-            image = spec.sample(done)
-            if image is not None:
-                tracker.log_image(image, f"{spec.prefix.strip('/') or task.name}_step{done:06d}.png")
-        t_mark = time.perf_counter()  # checkpoints and sample grids do not count as step time
+    try:
+        batches = iter(loader)
+        for step in range(start, stop):
+            lr = float(engine.get_lr()[0])
+            sums: dict[str, torch.Tensor] = {}
+            for _ in range(accum):
+                batch = to_device(next(batches), dist.device)
+                loss, parts = engine(batch)
+                engine.backward(loss)
+                engine.step()
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + v.float()
+            keys = sorted(sums)
+            values = torch.stack([sums[k] for k in keys]) / accum  # [len(keys)], on the device
+            if dist.world_size > 1:
+                torch.distributed.all_reduce(values)
+                values = values / dist.world_size
+            done = step + 1
+            pending.append((done, lr, keys, values))
+            save = done % train.checkpoint_every == 0 or done == stop
+            draw = dist.is_main and spec.sample is not None and done % train.sample_every == 0
+            # the end of the warm-up is flushed too, so that no timing window straddles it (throughput.py)
+            if not (save or draw or done % train.log_every == 0 or done == meter.warmup_end):
+                continue
+            flush()
+            if done % train.log_every == 0:
+                tracker.flush()
+            if save:
+                with gathered(engine):
+                    spec.store.save(engine, done, state, spec.export, dist)
+            if draw:
+                image = spec.sample(done)
+                if image is not None:
+                    tracker.log_image(image, f"{spec.prefix.strip('/') or task.name}_step{done:06d}.png")
+            t_mark = time.perf_counter()  # checkpoints and sample grids do not count as step time
+            events_mark = watch.events
+    finally:
+        watch.stop()
     bar.close()
+    compiled = watch.metrics() if watch.events else {}
+    if stop > start:
+        log.info("%s: %s%s", task.name, meter.describe(), f"; {watch.describe()}" if watch.events else "")
+        # every start (resume included) leaves its own numbers in the run's history; metrics.json has the last
+        tracker.log_metrics({f"{spec.prefix}throughput/{k}": v for k, v in {**meter.metrics(), **compiled}.items()},
+                            step=stop)
     tracker.flush()
-    ran = stop - start
     return FitResult(start=start, step=stop, finished=stop == spec.steps, losses=losses,
-                     samples_per_s=(n_global * ran / busy) if busy > 0 else 0.0,
-                     wall_s=time.perf_counter() - t_start, engine=engine)
+                     samples_per_s=meter.overall, wall_s=time.perf_counter() - t_start, engine=engine,
+                     throughput=meter, compile=compiled)

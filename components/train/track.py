@@ -131,9 +131,9 @@ class StageTracker:
         MlflowClient().log_batch(self.run_id, metrics=self._pending)
         self._pending = []
 
-    def log_metrics(self, values: dict[str, float]) -> None:
+    def log_metrics(self, values: dict[str, float], step: int | None = None) -> None:
         if self.enabled and self._mlflow is not None:
-            self._mlflow.log_metrics({k: float(v) for k, v in values.items()})
+            self._mlflow.log_metrics({k: float(v) for k, v in values.items()}, step=step)
 
     # ------------------------------------------------------------------ files
     def log_image(self, image, name: str) -> None:
