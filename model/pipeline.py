@@ -395,22 +395,22 @@ class DynamicIDPipeline(DiffusionPipeline):
             torch.randn((1, self.unet.config.in_channels, lh, lw), generator=torch.Generator("cpu").manual_seed(s))
             for s in seeds
         ]).to(device=device, dtype=unet_dtype)
-        ctx = None
+        ctx, saa, mode = None, self.model_params.saa, compat.mode_of(self)
+        boost_steps = compat.boost_steps(mode, saa)  # the release skips the boost with gating off
         if n:
             # Regions stay on the host: the masks are built there (exact float64 comparisons) and
             # moved once per UNet level; a device copy would only be read back, i.e. a sync.
             regions = torch.stack([self.regions(ids) for ids in per_sample])               # [b, N, 4]
             reps = 2 if do_cfg else 1
-            saa = self.model_params.saa
             same = bool((scale == scale[0]).all())
             id_scale_arg: float | torch.Tensor = float(scale[0]) if same else scale.repeat(reps).to(device)
             ctx = IDContext(
                 num_ids=n, num_tokens=self.dims.num_tokens, regions=regions.repeat(reps, 1, 1),
                 latent_hw=(lh, lw), id_scale=id_scale_arg, gating=saa.gating, tau=saa.tau, boost=saa.boost,
-                **compat.context_options(compat.mode_of(self), saa))
+                **compat.context_options(mode, saa))
         auto = None if ctx is None or layout_used != "auto" else AutoLayoutRun(  # observe, then route (fixed step)
             ctx, batch=b, cfg=do_cfg, num_steps=num_inference_steps, device=device, params=saa.auto,
-            levels=len(self.unet.config.block_out_channels), boost_steps=compat.boost_steps(compat.mode_of(self), saa))
+            levels=len(self.unet.config.block_out_channels), boost_steps=boost_steps)
         # Timesteps stay on the host: diffusers' schedulers index with them every step, and a
         # device tensor would force a host-GPU sync per step (measured: docs/benchmarks.md).
         self.scheduler.set_timesteps(num_inference_steps, device="cpu")
@@ -419,7 +419,7 @@ class DynamicIDPipeline(DiffusionPipeline):
         with record_function("dynamicid.denoise"):
             for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
                 if ctx is not None:
-                    ctx.boost_active = i < compat.boost_steps(compat.mode_of(self), self.model_params.saa)
+                    ctx.boost_active = i < boost_steps
                 ctx = auto.context_for_step(i) if auto is not None else ctx  # layout auto: observe, then route
                 model_in = torch.cat([latents] * 2) if do_cfg else latents
                 model_in = self.scheduler.scale_model_input(model_in, t)

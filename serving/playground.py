@@ -17,9 +17,7 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
-import io
 import json
 import re
 from dataclasses import dataclass
@@ -32,6 +30,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
 from serving.errors import ServingError, bad_request, overloaded, timed_out
+from serving.images import decode_image, encode_png
 
 STATIC_DIR = Path(__file__).parent / "static" / "playground"
 PREFIX = "/playground"
@@ -87,14 +86,12 @@ def face_check(pipe: Any, image: np.ndarray, role: str) -> dict[str, Any]:
         raise bad_request("no_face", str(err).removeprefix("image: "), "image") from None
     left, top, right, bottom = face_crop_box(face.bbox, image.shape[:2])
     crop = Image.fromarray(np.ascontiguousarray(image[top:bottom, left:right])).resize((CROP_PX, CROP_PX))
-    buf = io.BytesIO()
-    crop.save(buf, format="PNG")
     h, w = image.shape[:2]
     return {
         "role": role, "image_size": [w, h], "faces_found": len(faces),
         "face": {"box": [round(float(v), 1) for v in face.bbox], "crop": [left, top, right, bottom],
                  "score": round(float(face.score), 4)},
-        "thumbnail": base64.b64encode(buf.getvalue()).decode("ascii"),
+        "thumbnail": encode_png(crop),
     }
 
 
@@ -157,7 +154,6 @@ class Playground:
 
     @staticmethod
     async def _check(model: Any, text: str, role: str) -> dict[str, Any]:
-        from serving.images import decode_image
 
         lim = model.limits
         image = await asyncio.to_thread(decode_image, text, "image", lim.max_image_bytes, lim.max_image_pixels,
