@@ -55,16 +55,23 @@ def _batches(n: int, batch: int, steps: int, seed: int):
 def _fit(task, params, data: np.ndarray, captions: np.ndarray | None, *, steps: int, batch: int, lr: float,
          warmup: int, drop_caption: float, seed: int, device, log_every: int = 200,
          budget_s: float = float("inf")) -> list[tuple[int, float]]:
-    """AdamW with warm-up and cosine decay to 0.1x; stops early (and says so) when ``budget_s`` is spent."""
+    """AdamW with warm-up and cosine decay to 0.1x; stops early (and says so) when ``budget_s`` is spent.
+
+    The decay follows whichever runs out first, steps or time, so a time-boxed run still ends at the low learning rate
+    instead of being cut off at its peak."""
     import torch
+
+    start = time.time()
+
+    def progress(s: int) -> float:
+        return min(1.0, max(s / max(1, steps), (time.time() - start) / budget_s))
 
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup)) * (
-        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps))))))
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress(s)))))
     rng = np.random.default_rng(seed + 1)
     losses: list[tuple[int, float]] = []
     window: list[torch.Tensor] = []
-    start = time.time()
     for step, (idx, slots) in enumerate(_batches(len(data), batch, steps, seed)):
         pixels = torch.from_numpy(data[idx]).to(device, non_blocking=True).permute(0, 3, 1, 2).float() / 255.0
         b = {"pixels": pixels, "slot": slots}

@@ -79,6 +79,10 @@ def run_stage_command(args: argparse.Namespace, params) -> int:
         from components.train.base_stage import skip_base
 
         return skip_base(params)
+    if args.stage == "base" and params.train.base.pretrained:
+        from components.train.pretrained_base import install_pretrained_base
+
+        return install_pretrained_base(params)
 
     preflight(params, args.stage)
     device_type = distributed.accelerator_env()

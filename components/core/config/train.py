@@ -37,6 +37,9 @@ class BaseStageParams(StageParams):
     vae_lr: float = Field(1e-3, gt=0)
     vae_kl_weight: float = Field(1e-6, ge=0, description="KL term of the VAE loss")
     drop_caption: float = Field(0.1, ge=0, le=1, description="empty-caption rate, so the base supports CFG")
+    pretrained: str | None = Field(
+        None, description="a stored base (diffusers layout + record.json, e.g. model/testbed_base) installed as the "
+        "stage's export instead of training one; its data hash must match data.prepared. null trains the base")
 
 
 class AnchorStageParams(StageParams):

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The GPU test-bed recipe's training (issue 16), through the real CLI on one GPU: stage 1 (anchor) and stage 2
+# (reconfigure) of the tiny profile from the stored pretrained base, with benchmarks/testbed/params-gpu.yaml.
+# Evaluation runs afterwards on any machine, as the chain's does (docs/evaluation.md).
+#
+#   bash benchmarks/testbed/run_gpu.sh [-S key=value ...]     (extra overrides, e.g. -S data.prepared=DIR)
+#
+# On the offline GPU machine, carry the prepared data and the wheels of benchmarks/requirements-gpu-train.txt in
+# .whl-train/ (MLflow tracks to a file store there: mlflow-skinny has no SQL store). Results go to $OUT (or
+# runs/testbed-gpu): train.log, times.txt and testbed-gpu.tar (the stage-2 export, both stages' metrics and losses).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+OUT_DIR="${OUT:-runs/testbed-gpu}"
+mkdir -p "$OUT_DIR"
+PY=python3
+[ -x .venv/bin/python ] && PY=.venv/bin/python
+if ! "$PY" -c "import diffusers, deepspeed, mlflow, pydantic" >/dev/null 2>&1 && compgen -G ".whl-train/*.whl" >/dev/null
+then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/dynamicid-site .whl-train/*.whl
+  export PYTHONPATH="/tmp/dynamicid-site${PYTHONPATH:+:$PYTHONPATH}"
+  export MLFLOW_TRACKING_URI="${MLFLOW_TRACKING_URI:-file:///tmp/dynamicid-mlruns}" MLFLOW_ALLOW_FILE_STORE=true
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+for stage in anchor reconfigure; do
+  start=$(date +%s)
+  "$PY" -m components.cli --params benchmarks/testbed/params-gpu.yaml "$@" train --stage "$stage" 2>&1 \
+    | grep --line-buffered -v -e "it/s]" -e "s/it]" | tee -a "$OUT_DIR/train.log"
+  echo "$stage $(( $(date +%s) - start )) s" | tee -a "$OUT_DIR/times.txt"
+done
+"$PY" - <<'PY' | tee -a "$OUT_DIR/times.txt"
+import torch
+print("device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "torch", torch.__version__)
+PY
+R=runs/testbed-gpu
+tar -cf "$OUT_DIR/testbed-gpu.tar" "$R/reconfigure/export" "$R/anchor/metrics.json" "$R/anchor/loss.tsv" \
+  "$R/reconfigure/metrics.json" "$R/reconfigure/loss.tsv"
+ls -la "$OUT_DIR"
