@@ -15,7 +15,8 @@ Outputs under ``--output`` (default params evaluate.output), each a separate DVC
     samples.csv      one row per (generated image, person, variant): the numbers behind every metric
     eval_set.json    the evaluation set definition and its hash
     report.json      lineage (checkpoint digest, data version, git commit, params hash), MLflow run, counts,
-                     and the checkpoint's learning-check records (with whether they belong to these weights)
+                     the checkpoint's learning-check records (with whether they belong to these weights) and its
+                     provenance (the stage that wrote it, its compatibility mode, an imported release's sources)
     grids/*.png      reference | generated | another person's photo | ID off (edits: unedited | edited)
 
 Everything is also logged to one MLflow run (metrics, params, lineage tags, the files above).
@@ -136,6 +137,7 @@ def evaluate(params: "Params", checkpoint: str, output: str | Path) -> dict:
         result = measure(pipe, evalset, params, clip, faces, reader)
         del pipe
         checks = learning_check_records(ckpt)
+        provenance = registry.checkpoint_provenance(ckpt)
 
     out.mkdir(parents=True, exist_ok=True)
     grids = write_grids(evalset, result.generated, result.baselines, result.rows, out / "grids",
@@ -145,12 +147,14 @@ def evaluate(params: "Params", checkpoint: str, output: str | Path) -> dict:
     (out / "eval_set.json").write_text(json.dumps({"hash": evalset.hash, **evalset.definition}, indent=2) + "\n")
     tags = {**lineage(params), "eval_set_hash": evalset.hash, "checkpoint_digest": digest,
             "checkpoint": public_uri(str(checkpoint)), "profile": params.model.profile,
-            "face_backend": params.face.resolved_backend(params.model.profile), "dynamicid.stage": "evaluate"}
+            "face_backend": params.face.resolved_backend(params.model.profile), "dynamicid.stage": "evaluate",
+            **registry.provenance_tags(provenance)}
     report: dict[str, Any] = {
         "checkpoint": public_uri(str(checkpoint)), "checkpoint_dir": str(ckpt), "checkpoint_digest": digest,
         "eval_set_hash": evalset.hash, **{k: tags[k] for k in ("git_commit", "params_hash", "data_version",
                                                                 "profile", "face_backend")},
-        "counts": counts(evalset, result.rows), "learning_checks": checks, "motion_reader": reader.meta,
+        "counts": counts(evalset, result.rows), "learning_checks": checks, "checkpoint_provenance": provenance,
+        "motion_reader": reader.meta,
         "not_measured": sorted(k for k, v in result.metrics.items() if v is None),
         "grids": [str(p.relative_to(out)) for p in grids],
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -277,8 +277,11 @@ def _first_line(err: BaseException, limit: int = 300) -> str:
     return (text[0] if text else "")[:limit]
 
 
-def publish(params, ckpt: str | Path, *, tags: dict[str, str], aliases: Iterable[str]) -> ModelVersion:
-    """Log, register, wait, verify, then move aliases; on any failure remove the new version.
+def publish(params, ckpt: str | Path, *, tags: dict[str, str], aliases: Iterable[str],
+            description: str | None = None) -> ModelVersion:
+    """Log, register, wait, verify, then move aliases; on any failure remove the new version. ``description``
+    (e.g. where imported weights came from) is set on the version before it is verified, so a version that
+    exists at the end always carries it.
 
     Must be called inside an active MLflow run (the model is logged into it).
     """
@@ -302,6 +305,8 @@ def publish(params, ckpt: str | Path, *, tags: dict[str, str], aliases: Iterable
     previous: dict[str, str] = {}  # alias -> version it pointed to before this call (moved ones only)
     try:
         mv = wait_ready(c, name, mv.version, params.gate.await_registration_s)
+        if description:
+            c.update_model_version(name, mv.version, description=description)
         verify_version(name, mv.version, digest)
         c.set_model_version_tag(name, mv.version, "verified", "true")
         for alias in aliases:

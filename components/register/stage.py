@@ -6,7 +6,8 @@ weights), absolute minimums / maximums, intervals over people that must lie abov
 against one fixed reference record (``gate.reference``; never the previous champion, so losses cannot add up).
 A candidate that fails is not registered: the command names each failed criterion with its value, interval and
 threshold and exits 1 (0 with ``--decision-file``, which then carries the decision). A candidate that passes
-becomes a new version of the registered model (pyfunc, see components.register.publish) with lineage tags, gets
+becomes a new version of the registered model (pyfunc, see components.register.publish) with lineage tags (for
+imported research-release weights also the release files' sha256, in the tags and the description), gets
 the ``candidate`` alias, and with ``--promote`` (or params gate.promote) the ``champion`` alias too, only after its
 artefacts have been verified. ``--save-reference`` writes the evaluation as a reference record to pin.
 """
@@ -105,10 +106,11 @@ def reference_record(metrics: dict[str, float], report: dict[str, Any]) -> dict[
 
 
 def _train_tags(ckpt: Path) -> dict[str, str]:
-    """Lineage the trainer wrote into the checkpoint manifest (e.g. its data version, stage)."""
+    """Lineage the trainer wrote into the checkpoint manifest (e.g. its data version, stage). An imported
+    release's record is left to ``registry.provenance_tags``: one tag per field, not a repr cut at 500 chars."""
     from model.checkpoint import read_manifest
 
-    skip = {"format_version", "dims", "parts", "files", "bundled_base", "libraries"}
+    skip = {"format_version", "dims", "parts", "files", "bundled_base", "libraries", "release"}
     return {f"train.{k}": str(v)[:500] for k, v in read_manifest(ckpt).items() if k not in skip}
 
 
@@ -142,7 +144,8 @@ def run_register(args: argparse.Namespace, params: "Params") -> int:
                         eval_set_hash=report["eval_set_hash"])
     table = format_table(result)
     record: dict[str, Any] = {"model": name, "eval_set_hash": report["eval_set_hash"],
-                              "checkpoint_digest": report["checkpoint_digest"], "gate": result.to_json()}
+                              "checkpoint_digest": report["checkpoint_digest"], "gate": result.to_json(),
+                              "checkpoint_provenance": report.get("checkpoint_provenance")}
     _write(args.decision_file, "true" if result.passed else "false")
     if not result.passed:
         print(table, file=sys.stderr)
@@ -171,6 +174,8 @@ def run_register(args: argparse.Namespace, params: "Params") -> int:
         if registry.checkpoint_digest(ckpt) != report["checkpoint_digest"]:
             raise UserError(f"checkpoint {ckpt} does not match the evaluated checkpoint (digest differs from "
                             f"{metrics_path.parent}/report.json); evaluate this checkpoint first")
+        provenance = registry.checkpoint_provenance(ckpt)  # the evaluated checkpoint's, byte for byte
+        record["checkpoint_provenance"] = provenance
         eval_run = (report.get("mlflow") or {}).get("run_id")
         try:
             run_id = c.get_run(eval_run).info.run_id if eval_run else None
@@ -181,11 +186,12 @@ def run_register(args: argparse.Namespace, params: "Params") -> int:
                                                           "eval_set_hash", "profile", "face_backend")},
             "evaluation_run_id": str(eval_run or ""), "gate": "passed",
             "gate_reference": str(reference.get("checkpoint_digest", reference["name"])) if reference else "none",
-            **registry.metric_tags(metrics), **_train_tags(ckpt),
+            **registry.metric_tags(metrics), **_train_tags(ckpt), **registry.provenance_tags(provenance),
         }
         with mlflow.start_run(run_id=run_id, run_name=None if run_id else "register"):
             try:
-                mv = publish(params, ckpt, tags=tags, aliases=aliases)
+                mv = publish(params, ckpt, tags=tags, aliases=aliases,
+                             description=registry.provenance_description(provenance))
             except registry.RegistryError as err:
                 raise UserError(f"registration failed, no alias moved: {err}") from None
             record.update(registered=True, version=str(mv.version), aliases=aliases, tags=tags,
