@@ -54,7 +54,7 @@ def _batches(n: int, batch: int, steps: int, seed: int):
 
 def _fit(task, params, data: np.ndarray, captions: np.ndarray | None, *, steps: int, batch: int, lr: float,
          warmup: int, drop_caption: float, seed: int, device, log_every: int = 200,
-         budget_s: float = float("inf")) -> list[tuple[int, float]]:
+         budget_s: float = float("inf"), bf16: bool = False) -> list[tuple[int, float]]:
     """AdamW with warm-up and cosine decay to 0.1x; stops early (and says so) when ``budget_s`` is spent.
 
     The decay follows whichever runs out first, steps or time, so a time-boxed run still ends at the low learning rate
@@ -78,7 +78,9 @@ def _fit(task, params, data: np.ndarray, captions: np.ndarray | None, *, steps: 
         if captions is not None:
             drop = rng.random(len(idx)) < drop_caption
             b["caption"] = ["" if d else str(c) for c, d in zip(captions[idx], drop)]
-        loss, _ = task(b)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss, _ = task(b)
+        loss = loss.float()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -115,7 +117,12 @@ def train(args: argparse.Namespace) -> None:
     params = params_from_dict({"storage": {"cache_dir": str(out / "cache")}})
     tiny = params.model.tiny.model_copy(update={"base": None})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    bb = load_backbone(tiny_base_dir(tiny, params.storage.cache_dir))
+    previous: dict = {}
+    if args.resume_from:  # continue a stored base (its record says how it was made so far)
+        previous = json.loads((Path(args.resume_from) / "record.json").read_text())
+        if previous.get("data_hash") != str(arrays["data_hash"]):
+            sys.exit(f"--resume-from {args.resume_from}: trained on other data ({previous.get('data_hash')})")
+    bb = load_backbone(args.resume_from or tiny_base_dir(tiny, params.storage.cache_dir))
     for m in (bb.unet, bb.vae, bb.text_encoder, bb.image_encoder):
         m.to(device)
     t0 = time.time()
@@ -125,15 +132,21 @@ def train(args: argparse.Namespace) -> None:
                       batch=args.batch, lr=args.vae_lr, warmup=50, drop_caption=0.0, seed=args.seed, device=device)
     t_vae = time.time() - t0
     bb.vae.requires_grad_(False).eval()
-    sample = torch.from_numpy(pixels[:256]).to(device).permute(0, 3, 1, 2).float() / 255.0
-    scale = latent_scale(bb.vae, sample)
-    bb.vae.register_to_config(scaling_factor=float(scale))
+    if vae_losses or not previous:
+        sample = torch.from_numpy(pixels[:256]).to(device).permute(0, 3, 1, 2).float() / 255.0
+        scale = latent_scale(bb.vae, sample)
+        bb.vae.register_to_config(scaling_factor=float(scale))
+    else:
+        scale = float(bb.vae.config.scaling_factor)
     print(f"UNet: {args.steps} steps, batch {args.batch}, latent scale {scale:.4f}", flush=True)
     t1 = time.time()
     unet_task = BaseUNetTask(bb, args.seed)
     unet_losses = _fit(unet_task, [p for p in bb.unet.parameters() if p.requires_grad], pixels, captions,
                        steps=args.steps, batch=args.batch, lr=args.lr, warmup=200, drop_caption=0.1,
-                       seed=args.seed, device=device, budget_s=args.budget_s)
+                       seed=args.seed + len(previous.get("unet_loss", [])), device=device, budget_s=args.budget_s,
+                       bf16=args.bf16)
+    done = previous.get("steps", 0)
+    unet_losses = [*map(tuple, previous.get("unet_loss", [])), *((done + st, v) for st, v in unet_losses)]
     t_unet = time.time() - t1
     bb.unet.requires_grad_(False).eval()
     for m in (bb.unet, bb.vae, bb.text_encoder, bb.image_encoder):
@@ -142,12 +155,16 @@ def train(args: argparse.Namespace) -> None:
                      image_encoder=bb.image_encoder, scheduler=bb.scheduler)
     with tarfile.open(out / "base.tar", "w") as tar:
         tar.add(base, arcname="base")
-    record = {"command": "python -m benchmarks.testbed_base " + " ".join(args.argv),
+    command = "python -m benchmarks.testbed_base " + " ".join(args.argv)
+    record = {"command": " && ".join(filter(None, [previous.get("command"), command])),
               "data_hash": str(arrays["data_hash"]), "images": int(len(pixels)),
-              "vae_steps": args.vae_steps, "steps": unet_losses[-1][0] if unet_losses else 0,
+              "vae_steps": previous.get("vae_steps", 0) + args.vae_steps,
+              "steps": unet_losses[-1][0] if unet_losses else 0, "bf16": args.bf16,
               "steps_asked": args.steps, "batch": args.batch, "lr": args.lr,
               "vae_lr": args.vae_lr, "seed": args.seed, "latent_scale": float(scale),
-              "vae_loss": vae_losses, "unet_loss": unet_losses, "vae_s": round(t_vae, 1), "unet_s": round(t_unet, 1),
+              "vae_loss": vae_losses or previous.get("vae_loss", []), "unet_loss": unet_losses,
+              "vae_s": round(previous.get("vae_s", 0) + t_vae, 1),
+              "unet_s": round(previous.get("unet_s", 0) + t_unet, 1),
               "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
               "torch": torch.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     (out / "record.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -193,6 +210,9 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--vae-lr", type=float, default=1e-3)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--samples", type=int, default=64, help="images generated from the trained base for the check")
+    t.add_argument("--resume-from", help="a stored base (with record.json) to continue training; use --vae-steps 0 "
+                   "to keep its VAE and latent scale")
+    t.add_argument("--bf16", action="store_true", help="bf16 autocast for the steps (GPU)")
     t.add_argument("--budget-s", type=float, default=float("inf"),
                    help="stop the UNet phase when this many seconds are spent (the base is saved either way)")
     args = p.parse_args(argv)
