@@ -264,7 +264,8 @@ class DynamicIDPipeline(DiffusionPipeline):
             else:
                 e = torch.as_tensor(np.asarray(ident.embedding, dtype=np.float32)).flatten()
                 if e.numel() != self.dims.id_dim:
-                    raise GenerationError(f"{who}: embedding has {e.numel()} values, the model needs {self.dims.id_dim}")
+                    raise GenerationError(f"{who}: embedding has {e.numel()} values, "
+                                          f"the model needs {self.dims.id_dim}")
                 embeds.append(e)
                 feats.append(torch.as_tensor(ident.clip_features))
                 size = self.dims.imr["landmark_size"]
@@ -321,7 +322,7 @@ class DynamicIDPipeline(DiffusionPipeline):
         negative_prompt: str | list[str] | None = None,
         num_inference_steps: int = 30,
         guidance_scale: float | list[float] = 5.0,
-        id_scale: float | list[float] | None = None,
+        id_scale: float | list[float | list[float]] | None = None,
         height: int | None = None,
         width: int | None = None,
         seed: int | list[int] | None = None,
@@ -331,8 +332,10 @@ class DynamicIDPipeline(DiffusionPipeline):
     ) -> DynamicIDOutput:
         """``encoded``: per-sample results of ``encode_identities`` already computed by the caller
         (the server analyses faces per request before batching), so no face is analysed twice.
-        ``layout``: "auto" | "strips" | None (boxes if given, else auto for 2-4 people; auto_run.py)."""
-        from model.saa.context import IDContext
+        ``layout``: "auto" | "strips" | None (boxes if given, else auto for 2-4 people; auto_run.py).
+        ``id_scale``: None (model.saa.id_scale), a float, or one entry per sample: a float, or a list
+        of one scale per identity of that sample (0 drops that person's ID branch term only)."""
+        from model.saa.context import IDContext, context_id_scale, request_id_scales
 
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         b = len(prompts)
@@ -354,9 +357,7 @@ class DynamicIDPipeline(DiffusionPipeline):
         seeds = [int(s) + (j if not isinstance(seed, list) and b > 1 else 0) for j, s in enumerate(seeds)]
         g = torch.tensor(guidance_scale if isinstance(guidance_scale, list) else [guidance_scale] * b,
                          dtype=torch.float32)
-        default_scale = self.model_params.saa.id_scale
-        scale = torch.tensor(id_scale if isinstance(id_scale, list) else
-                             [default_scale if id_scale is None else id_scale] * b, dtype=torch.float32)
+        scale = request_id_scales(id_scale, self.model_params.saa.id_scale, b, n, GenerationError)  # [b] / [b, N]
         do_cfg = bool((g > 1.0).any())
 
         # ModelMixin.dtype walks every named parameter (~6 ms host time at SD1.5 size, paid while
@@ -402,8 +403,7 @@ class DynamicIDPipeline(DiffusionPipeline):
             # moved once per UNet level; a device copy would only be read back, i.e. a sync.
             regions = torch.stack([self.regions(ids) for ids in per_sample])               # [b, N, 4]
             reps = 2 if do_cfg else 1
-            same = bool((scale == scale[0]).all())
-            id_scale_arg: float | torch.Tensor = float(scale[0]) if same else scale.repeat(reps).to(device)
+            id_scale_arg = context_id_scale(scale, reps, device)  # float, [reps*b] or [reps*b, N]
             ctx = IDContext(
                 num_ids=n, num_tokens=self.dims.num_tokens, regions=regions.repeat(reps, 1, 1),
                 latent_hw=(lh, lw), id_scale=id_scale_arg, gating=saa.gating, tau=saa.tau, boost=saa.boost,

@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 
-from components.generate.args import load_landmarks, nth_value, parse_bbox
+from components.generate.args import load_landmarks, nth_value, parse_bbox, person_scales
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,9 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "infer",
         help="call a running model server and write the generated image",
         description="Send --prompt and one --id-image per person to a model server started with `dynamicid serve` "
-        "and write the returned PNG (+ .json metadata). The i-th --bbox, --expression, --driving-image and "
-        "--landmarks belong to the i-th --id-image ('-' skips one). Waits up to --wait seconds for the model to be "
-        "ready.",
+        "and write the returned PNG (+ .json metadata). The i-th --bbox, --expression, --driving-image, "
+        "--landmarks and --person-id-scale belong to the i-th --id-image ('-' skips one). Waits up to --wait "
+        "seconds for the model to be ready.",
     )
     i.add_argument("--url", default=None, help="server base URL (default: http://serve.host:serve.http_port)")
     i.add_argument("--model-name", default=None, help="default: serve.model_name")
@@ -49,7 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(the face analyzer's layout: 68 dlib / 106 insightface points), or -")
     i.add_argument("--steps", type=int, default=None, help="default: the server's serve.default_steps")
     i.add_argument("--guidance", type=float, default=None)
-    i.add_argument("--id-scale", type=float, default=None)
+    i.add_argument("--id-scale", type=float, default=None, help="the image's identity scale (every person's default)")
+    i.add_argument("--person-id-scale", action="append", default=[],
+                   help="identity scale of the i-th person (0 leaves them out), or - for --id-scale")
     i.add_argument("--height", type=int, default=None)
     i.add_argument("--width", type=int, default=None)
     i.add_argument("--seed", type=int, default=None, help="default: random (written to the .json)")
@@ -100,7 +102,7 @@ def run_infer(args: argparse.Namespace, params) -> int:
     if not args.verbose:
         logging.getLogger("httpx").setLevel(logging.WARNING)
     n = len(args.id_image)
-    for name in ("bbox", "expression", "driving_image", "landmarks"):
+    for name in ("bbox", "expression", "driving_image", "landmarks", "person_id_scale"):
         if len(getattr(args, name)) > n:
             raise UserError(f"more --{name.replace('_', '-')} values than --id-image values")
     s = params.serve
@@ -112,6 +114,7 @@ def run_infer(args: argparse.Namespace, params) -> int:
         instance = build_instance(
             args.prompt, args.id_image, bboxes=bboxes, expressions=[nth_value(args.expression, k) for k in range(n)],
             driving_images=[nth_value(args.driving_image, k) for k in range(n)], landmarks=landmarks,
+            id_scales=person_scales(args.person_id_scale, n),
             negative_prompt=args.negative_prompt,
             seed=args.seed, num_inference_steps=args.steps, guidance_scale=args.guidance, id_scale=args.id_scale,
             height=args.height, width=args.width,

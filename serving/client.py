@@ -28,9 +28,11 @@ def b64_file(path: str | Path) -> str:
 
 def build_instance(prompt: str, id_images: list[str], bboxes: list[tuple[float, ...] | None] | None = None,
                    expressions: list[str | None] | None = None, driving_images: list[str | None] | None = None,
-                   landmarks: list[list[list[float]] | None] | None = None, **options: Any) -> dict[str, Any]:
-    """A v1 instance from files (``landmarks``: already loaded [x, y] lists); ``options`` with value
-    None are left to the server's defaults."""
+                   landmarks: list[list[list[float]] | None] | None = None,
+                   id_scales: list[float | None] | None = None, **options: Any) -> dict[str, Any]:
+    """A v1 instance from files (``landmarks``: already loaded [x, y] lists; ``id_scales``: each
+    person's own identity scale, None for the instance's); ``options`` with value None are left to
+    the server's defaults."""
     identities = []
     for i, path in enumerate(id_images):
         ident: dict[str, Any] = {"image": b64_file(path)}
@@ -42,6 +44,8 @@ def build_instance(prompt: str, id_images: list[str], bboxes: list[tuple[float, 
             ident["driving_image"] = b64_file(driving_images[i])
         if landmarks and i < len(landmarks) and landmarks[i]:
             ident["landmarks"] = landmarks[i]
+        if id_scales and i < len(id_scales) and id_scales[i] is not None:
+            ident["id_scale"] = id_scales[i]  # per-identity fields other than images travel in v2's parameters
         identities.append(ident)
     return {"prompt": prompt, "identities": identities, **{k: v for k, v in options.items() if v is not None}}
 

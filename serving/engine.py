@@ -6,9 +6,10 @@
   batch running on the model thread.
 - ``generate`` (the model thread): one batch of encoded requests with the same key -> images,
   through the pipeline's own batched ``__call__`` (per-sample prompt, negative prompt, seed,
-  guidance and id_scale). The two threads share only modules whose forward is pure (the text
-  encoder); torch's grad mode is per thread; the face analyzer and its clock belong to the encode
-  thread, the UNet/VAE hooks and their clock to the model thread.
+  guidance and id_scale: a float per request, or one per person where a person gives their own).
+  The two threads share only modules whose forward is pure (the text encoder); torch's grad mode
+  is per thread; the face analyzer and its clock belong to the encode thread, the UNet/VAE hooks
+  and their clock to the model thread.
 - Stage latencies (face analysis, encoding, denoising, decode) come from a timing wrapper around
   the face analyzer and forward hooks on the UNet and the VAE decoder, so the pipeline code stays
   untouched; on CUDA the hooks synchronise at stage boundaries so GPU time lands in the right stage.
@@ -189,7 +190,7 @@ class Engine:
             out = self.pipe(
                 [r.prompt for r in reqs], [j.identities for j in jobs],
                 negative_prompt=[r.negative_prompt for r in reqs], num_inference_steps=steps,
-                guidance_scale=[r.guidance_scale for r in reqs], id_scale=[r.id_scale for r in reqs],
+                guidance_scale=[r.guidance_scale for r in reqs], id_scale=[r.id_scales for r in reqs],
                 height=height, width=width, seed=[r.seed for r in reqs],
                 encoded=[j.encoded for j in jobs] if jobs[0].identities else None,
                 layout=reqs[0].layout,  # one layout per batch: it is part of the batch key

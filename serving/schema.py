@@ -71,6 +71,7 @@ class IdentityRequest:
     expression: str | None
     driving_image: np.ndarray | None = None             # [H, W, 3] uint8 RGB: target pose / expression
     landmarks: np.ndarray | None = None                 # [L, 2] float32 x, y, pixels of ``image``
+    id_scale: float | None = None                       # this person's identity scale; None: the request's
 
 
 @dataclass
@@ -83,12 +84,20 @@ class GenerationRequest:
     seed: int
     num_inference_steps: int
     guidance_scale: float
-    id_scale: float
+    id_scale: float                                     # the request's scale: people without their own take it
     height: int
     width: int
     field: FieldNamer = field(default=same_name, repr=False)
     layout: str | None = None                           # "auto" | "strips" | None (model/saa/auto_run.py)
     layout_maps: bool = False                           # return the auto layout's maps as a PNG
+
+    @property
+    def id_scales(self) -> float | list[float]:
+        """The pipeline's per-sample ``id_scale`` entry: one float, or one per person when any person
+        gives their own (requests of both kinds share a batch: the pipeline takes a mixed list)."""
+        if all(i.id_scale is None for i in self.identities):
+            return self.id_scale
+        return [self.id_scale if i.id_scale is None else i.id_scale for i in self.identities]
 
     @property
     def batch_key(self) -> tuple[int, int, int, int, bool, str | None, bool]:
@@ -152,6 +161,12 @@ class RequestSchema:
                 "e.g. the reference face's own landmarks, moved; not with driving_image",
             )
 
+            id_scale: float | None = Field(
+                None, ge=0.0, le=lim.max_id_scale,
+                description="this person's identity scale (0 leaves the person's identity out); default: the "
+                "instance's id_scale",
+            )
+
             @field_validator("landmarks")
             @classmethod
             def _landmarks(cls, v: list[list[float]] | None, info) -> list[list[float]] | None:
@@ -179,7 +194,8 @@ class RequestSchema:
             guidance_scale: float | None = Field(None, ge=lim.min_guidance, le=lim.max_guidance,
                                                  description=f"default {lim.default_guidance}")
             id_scale: float | None = Field(None, ge=0.0, le=lim.max_id_scale,
-                                           description=f"default {lim.default_id_scale}")
+                                           description=f"default {lim.default_id_scale}; the default of every "
+                                           "identity without its own id_scale")
             height: side | None = Field(None, description=f"pixels, multiple of 8, default {lim.resolution}")
             layout: Literal["auto", "strips"] | None = Field(
                 None, description="where several people go when no identity gives a bbox: auto = one region per "
@@ -279,7 +295,8 @@ class RequestSchema:
                                            lim.max_image_bytes, lim.max_image_pixels, lim.image_formats)
             lmk = None if ident.landmarks is None else np.asarray(ident.landmarks, dtype=np.float32)  # [L, 2]
             identities.append(IdentityRequest(image=image, bbox=tuple(ident.bbox) if ident.bbox else None,
-                                              expression=ident.expression, driving_image=driving, landmarks=lmk))
+                                              expression=ident.expression, driving_image=driving, landmarks=lmk,
+                                              id_scale=ident.id_scale))
         return GenerationRequest(
             prompt=inst.prompt, negative_prompt=inst.negative_prompt, identities=identities,
             seed=inst.seed if inst.seed is not None else secrets.randbelow(2**31),

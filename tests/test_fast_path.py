@@ -78,6 +78,11 @@ CASES = [
     dict(num_ids=2, regions=torch.tensor([[[0.0, 0.0, 0.5, 1.0], [0.5, 0.0, 1.0, 1.0]],
                                           [[0.0, 0.0, 1.0, 0.5], [0.0, 0.5, 1.0, 1.0]]]), tau=0.5),
     dict(num_ids=1, mix_scale=0.3, id_scale=0.7),
+    # per identity [B, N]: folded into each identity's own values
+    dict(num_ids=2, boost_active=True, id_scale=torch.tensor([[1.0, 0.0], [0.5, 2.0]])),
+    dict(num_ids=3, regions=torch.tensor([[0.0, 0.0, 1.0, 0.4], [0.0, 0.3, 1.0, 0.7], [0.0, 0.6, 1.0, 1.0]]),
+         id_scale=torch.tensor([[0.0, 1.5, 0.7]])),
+    dict(num_ids=1, mix_scale=0.3, id_scale=torch.tensor([[0.7], [1.3]])),
 ]
 
 
@@ -97,6 +102,28 @@ def test_runner_step_matches_plain_unet(unet_pair, case):
     base = plain(latents, t, encoder_hidden_states=states[:, :7]).sample
     assert (want - base).abs().max() > 1e-3, "the ID branch must change the output, or this test proves nothing"
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_per_identity_scales_through_one_bucket_and_the_unfolded_runner(unet_pair):
+    """Per-sample and per-identity scales alternate through one bucket (the scale buffer is reloaded
+    per request), and the runner without precomputed values (plain processors reading the bucket's
+    [B, N] scale) gives the plain UNet's result too: equal scales per person exactly as the [B] form."""
+    plain, fast, runner = unet_pair
+    latents, t, states = _step_inputs(2, 2, seed=13)
+    eager = BucketStepRunner(plain, capture=False, precomputed=False)
+    scales = [torch.tensor([[1.0, 0.0], [0.3, 1.0]]), torch.tensor([1.0, 0.3]), torch.tensor([[1.0, 1.0], [0.3, 0.3]])]
+    outs = []
+    for scale in scales + scales[:1]:
+        ref = IDContext(num_ids=2, latent_hw=(16, 12), id_scale=scale)
+        want = plain(latents, t, encoder_hidden_states=states, cross_attention_kwargs={"id_context": ref}).sample
+        got = runner(latents, t, states, IDContext(num_ids=2, latent_hw=(16, 12), id_scale=scale))
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        unfolded = eager(latents, t, states, IDContext(num_ids=2, latent_hw=(16, 12), id_scale=scale))
+        torch.testing.assert_close(unfolded, want, rtol=1e-5, atol=1e-6)
+        outs.append(got)
+    assert (outs[0] - outs[1]).abs().max() > 1e-3
+    torch.testing.assert_close(outs[1], outs[2], rtol=0, atol=0)  # [s, s] per person: the [B] form's numbers
+    torch.testing.assert_close(outs[0], outs[3], rtol=0, atol=0)
 
 
 def test_bucket_replay_with_new_layout_is_not_stale(unet_pair):
@@ -241,6 +268,26 @@ def test_pipeline_batched_per_sample_scale_matches_plain(pipes):
     ids = [[a], [b]]
     want, got = _gen(plain, ids, **dict(kw)), _gen(fast, ids, **dict(kw))
     torch.testing.assert_close(got, want, rtol=0, atol=TOL)
+
+
+def test_pipeline_per_person_scales_match_plain(pipes):
+    """id_scale per sample and person (one sample per person, one a plain float), fast = plain; a
+    sample whose people share one value is that value's image exactly; a per-person 0 matters."""
+    plain, fast, _ = pipes
+    a, b = _identity(plain, 4), _identity(plain, 5)
+    boxes = ((0.0, 0.0, 1.0, 0.5), (0.0, 0.5, 1.0, 1.0))
+    ids = [IdentityInput(embedding=p.embedding, clip_features=p.clip_features, bbox=box)
+           for p, box in zip((a, b), boxes)]
+    kw = dict(prompt=["two people", "two people"], seed=[1, 2], id_scale=[[1.0, 0.0], 0.6])
+    want, got = _gen(plain, ids, **dict(kw)), _gen(fast, ids, **dict(kw))
+    torch.testing.assert_close(got, want, rtol=0, atol=TOL)
+    same = _gen(plain, ids, **{**kw, "id_scale": [[0.6, 0.6], [0.6, 0.6]]})
+    assert torch.equal(same, _gen(plain, ids, **{**kw, "id_scale": 0.6}))
+    assert torch.equal(want[1], same[1])  # the float sample of the mixed batch
+    both = _gen(plain, ids, **{**kw, "id_scale": 1.0})
+    assert (want[0] - both[0]).abs().max() > 1e-3
+    with pytest.raises(Exception, match="id_scale\\[0\\] has 3 values"):
+        _gen(plain, ids, **{**kw, "id_scale": [[1.0, 0.0, 1.0], 0.6]})
 
 
 def test_disable_restores_plain_processors(spare):

@@ -75,7 +75,8 @@ def test_id_scale_zero_equals_plain_text_to_image(pipe, hanks):
 
 def test_multi_id_with_boxes_and_default_strips(pipe, group_faces):
     a, b = group_faces
-    boxes = _gen(pipe, [IdentityInput(image=a, bbox=(0.1, 0.0, 0.9, 0.5)), IdentityInput(image=b, bbox=(0.1, 0.5, 0.9, 1.0))])
+    boxes = _gen(pipe, [IdentityInput(image=a, bbox=(0.1, 0.0, 0.9, 0.5)),
+                        IdentityInput(image=b, bbox=(0.1, 0.5, 0.9, 1.0))])
     assert [r.region for r in boxes.identities[0]] == [[0.1, 0.0, 0.9, 0.5], [0.1, 0.5, 0.9, 1.0]]
     strips = _gen(pipe, [IdentityInput(image=a), IdentityInput(image=b)], layout="strips")  # default: auto
     assert [r.region for r in strips.identities[0]] == [[0.0, 0.0, 1.0, 0.5], [0.0, 0.5, 1.0, 1.0]]
@@ -161,6 +162,28 @@ def test_checkpoint_round_trip_keeps_weights(tiny_params, ckpt, pipe):
     for k, v in parts["face_encoder"].items():
         assert torch.equal(fe[k], v), k
     assert set(parts) == {"saa", "face_encoder", "imr", "keypoint_encoder"}
+
+
+def test_generate_cli_takes_a_scale_per_person(tiny_params, ckpt, single_face_photo, tmp_path, capsys):
+    """--person-id-scale belongs to the i-th --id-image ('-': --id-scale); equal per-person scales
+    are --id-scale's image exactly, a person at 0 changes it; a bad value is a usage error."""
+    cache = f"storage.cache_dir={tiny_params.storage.cache_dir}"
+    common = ["-S", cache, "generate", "--checkpoint", str(ckpt), "--prompt", "two people", "--steps", "2",
+              "--id-image", str(single_face_photo), "--id-image", str(single_face_photo), "--layout", "strips"]
+
+    def run(*extra: str) -> np.ndarray:
+        out = tmp_path / f"g{len(list(tmp_path.iterdir()))}.png"
+        assert main([*common, *extra, "--out", str(out)]) == 0, capsys.readouterr().err
+        return np.asarray(Image.open(out))
+
+    scalar = run("--id-scale", "0.7")
+    assert np.array_equal(run("--person-id-scale", "0.7", "--person-id-scale", "0.7"), scalar)
+    assert np.array_equal(run("--id-scale", "0.7", "--person-id-scale", "-", "--person-id-scale", "0.7"), scalar)
+    assert not np.array_equal(run("--id-scale", "0.7", "--person-id-scale", "0", "--person-id-scale", "-"), scalar)
+    assert main([*common, "--person-id-scale", "-1", "--out", str(tmp_path / "x.png")]) == 2
+    assert "--person-id-scale '-1': expected a finite number >= 0" in capsys.readouterr().err
+    assert main([*common, *["--person-id-scale", "1"] * 3, "--out", str(tmp_path / "x.png")]) == 2
+    assert "more --person-id-scale values than --id-image values" in capsys.readouterr().err
 
 
 def test_generate_cli_writes_png_and_metadata(tiny_params, ckpt, single_face_photo, tmp_path, capsys):

@@ -122,6 +122,10 @@ def _reference(attn: Attention, proc: SAAAttnProcessor, x, text, ids, ctx: IDCon
             if ctx.mix_scale is not None:
                 s[:, :K] = s[:, :K] * ctx.mix_scale
                 s[:, K:] = s[:, K:] * (1 - ctx.mix_scale)
+            if scales.dim() == 2:  # per identity: each token's value times its owner's scale
+                tok = torch.tensor([float(scales[b, owner[t]]) for t in range(n_tok)])
+                out[b, :, sl] += a[:, None] * (torch.softmax(s, -1) @ (vid[b, :, sl] * tok[:, None]))
+                continue
             id_out = torch.softmax(s, -1) @ vid[b, :, sl]
             out[b, :, sl] += scales[b] * a[:, None] * id_out
         gates[b] = a
@@ -172,6 +176,72 @@ def test_id_branch_matches_explicit_recomputation(gating, boost_active, tau, num
     with torch.no_grad():
         text_only = attn(x, encoder_hidden_states=text)
     assert not torch.allclose(got, text_only, atol=1e-3)
+
+
+@pytest.mark.parametrize("gating, boost_active, num_ids, mix, scale", [
+    (True, False, 2, None, [[1.0, 0.0], [0.5, 2.0]]),
+    (True, True, 2, None, [[0.3, 1.2], [0.0, 0.0]]),  # boost; a sample with every person at 0
+    (False, False, 2, None, [[2.0, 0.5], [1.0, 1.0]]),
+    (True, True, 1, 0.7, [[0.6], [1.4]]),  # one identity, two token sources: both take its scale
+])
+def test_per_identity_scale_matches_explicit_recomputation(gating, boost_active, num_ids, mix, scale):
+    """id_scale [B, N]: each identity's tokens' values times that identity's scale (the reference's loops)."""
+    attn, proc = _single_attention()
+    g = torch.Generator().manual_seed(6)
+    n_tok = 2 * K if mix is not None else num_ids * K
+    x = torch.randn(2, GRID[0] * GRID[1], 16, generator=g)
+    text = torch.randn(2, TEXT, 12, generator=g)
+    ids = torch.randn(2, n_tok, 12, generator=g)
+    ctx = IDContext(num_ids=num_ids, num_tokens=K, regions=REGIONS[:num_ids], latent_hw=GRID,
+                    id_scale=torch.tensor(scale), gating=gating, boost_active=boost_active, mix_scale=mix)
+    with torch.no_grad():
+        got = attn(x, encoder_hidden_states=torch.cat([text, ids], 1), id_context=ctx)
+        want, _ = _reference(attn, proc, x, text, ids, ctx, GRID)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("boost_active", [False, True])
+def test_per_identity_scale_zero_removes_only_that_person(boost_active):
+    """Two overlapping boxes with queries outside both: [1, 0] keeps person 1's term exactly as with
+    scale 1 and drops person 2's (inside person 2's box alone: text only); per-person terms add up;
+    [s, s] is the scalar s bit for bit, and [B, N] rows of one value are the [B] form bit for bit."""
+    attn, _ = _single_attention()
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, GRID[0] * GRID[1], 16, generator=g)
+    enc = torch.cat([torch.randn(2, TEXT, 12, generator=g), torch.randn(2, 2 * K, 12, generator=g)], 1)
+
+    def run(scale):
+        ctx = IDContext(num_ids=2, num_tokens=K, regions=REGIONS, latent_hw=GRID, boost_active=boost_active,
+                        id_scale=torch.tensor(scale) if isinstance(scale, list) else scale)
+        with torch.no_grad():
+            return attn(x, encoder_hidden_states=enc, id_context=ctx), ctx
+
+    (both, ctx), (text_only, _) = run(1.0), run(0.0)
+    first, second = run([[1.0, 0.0]] * 2)[0], run([[0.0, 1.0]] * 2)[0]
+    inside = ctx.region_masks(*GRID, "cpu").inside[0]  # [HW, 2]
+    only_1, only_2 = inside[:, 0] & ~inside[:, 1], inside[:, 1] & ~inside[:, 0]
+    outside = ~inside.any(1)
+    assert only_1.any() and only_2.any() and outside.any() and (inside[:, 0] & inside[:, 1]).any()
+    torch.testing.assert_close(first[:, only_1], both[:, only_1], rtol=0, atol=1e-6)  # person 1 unchanged
+    torch.testing.assert_close(first[:, only_2], text_only[:, only_2], rtol=0, atol=1e-6)  # person 2 gone
+    torch.testing.assert_close(second[:, only_1], text_only[:, only_1], rtol=0, atol=1e-6)
+    # each person's term alone, added to the text branch, gives both (to_out is affine)
+    torch.testing.assert_close(first + second - text_only, both, rtol=0, atol=1e-5)
+    assert (first - both)[:, outside].abs().max() > 1e-3  # outside the boxes both people mix: it matters there
+    for s in (0.7, 1.0, 2.5):
+        assert torch.equal(run([[s, s]] * 2)[0], run(s)[0])
+    per_sample = run(torch.tensor([0.5, 1.5]))[0]
+    assert torch.equal(run([[0.5, 0.5], [1.5, 1.5]])[0], per_sample)
+    assert torch.equal(run([[0.0, 0.0], [1.5, 1.5]])[0][0], text_only[0])
+
+
+def test_per_identity_scale_shape_is_checked():
+    with pytest.raises(ValueError, match="num_ids=2"):
+        IDContext(num_ids=2, id_scale=torch.ones(2, 3))
+    attn, _ = _single_attention()
+    ctx = IDContext(num_ids=2, num_tokens=K, latent_hw=GRID, id_scale=torch.ones(3, 2))
+    with pytest.raises(ValueError, match="expected \\[2, 2\\]"):
+        attn(torch.randn(2, 30, 16), encoder_hidden_states=torch.randn(2, TEXT + 2 * K, 12), id_context=ctx)
 
 
 def test_gate_threshold_is_not_near_tau():

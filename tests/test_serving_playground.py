@@ -241,11 +241,12 @@ def test_page_generates_two_placed_people_and_shows_refusals(server, photos, bro
     wait.until(lambda _: shown_faces() == 2)
     assert d.find_element(By.ID, "upload-error").is_displayed() is False
 
-    # per person: a driving photo for the first, an expression for the second
+    # per person: a driving photo for the first, an expression and an identity scale for the second
     people = d.find_elements(By.CSS_SELECTOR, "#people .person")
     people[0].find_element(By.CSS_SELECTOR, "input.driving").send_keys(str(photos["driver"]))
     wait.until(lambda _: d.find_element(By.CSS_SELECTOR, "#people .person .driving-face").is_displayed())
     d.find_elements(By.CSS_SELECTOR, "#people .person input.expression")[1].send_keys("smiling")
+    d.find_elements(By.CSS_SELECTOR, "#people .person input.id-scale")[1].send_keys("0.5")
 
     # the size first (the canvas takes its aspect), then two boxes dragged on the canvas
     for field, value in (("height", "64"), ("width", "96"), ("steps", "2"), ("seed", "1234")):
@@ -312,6 +313,13 @@ def test_page_generates_two_placed_people_and_shows_refusals(server, photos, bro
     gen_error = d.find_element(By.ID, "error")
     wait.until(lambda _: gen_error.is_displayed())
     assert gen_error.text.startswith("HTTP 400 out_of_range parameters.num_inference_steps:"), gen_error.text
+    steps.clear()
+    steps.send_keys("2")
+    person_scale = d.find_elements(By.CSS_SELECTOR, "#people .person input.id-scale")[1]
+    person_scale.clear()
+    person_scale.send_keys("9")  # over serve.max_id_scale: the person's own field is named
+    d.find_element(By.ID, "generate").click()
+    wait.until(lambda _: gen_error.text.startswith("HTTP 400 out_of_range parameters.identities[1].id_scale:"))
 
     logs = [e["message"] for e in d.get_log("browser")]
     assert not [m for m in logs if "Content Security Policy" in m or "Uncaught" in m], logs

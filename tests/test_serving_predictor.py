@@ -95,6 +95,47 @@ def test_concurrent_requests_share_a_batch_and_get_their_own_images(model, loop,
     assert sample(model.registry, "dynamicid_queue_depth") == 0
 
 
+def test_per_person_id_scales_batch_with_scalar_ones_over_v1_and_v2(model, loop, hanks_b64):
+    """Two people per request: one request with per-person scales (v1), one with the request's scale
+    only, in one batch; each gets the image it gets alone, and the per-person one differs from the
+    same request without them. The v2 form of the per-person request returns the same image."""
+    from kserve import InferInput, InferRequest
+
+    from serving.client import v2_request
+
+    people = [{"image": hanks_b64, "bbox": [0.0, 0.0, 1.0, 0.5]}, {"image": hanks_b64, "bbox": [0.0, 0.5, 1.0, 1.0]}]
+    per_person = {"prompt": "two people", "seed": 4, "num_inference_steps": 2, "id_scale": 0.8,
+                  "identities": [{**people[0], "id_scale": 0.0}, people[1]]}  # the second: the request's 0.8
+    scalar = {**per_person, "seed": 5, "identities": people}
+    size, window = model.batcher.max_batch_size, model.batcher.window_s
+    model.batcher.max_batch_size, model.batcher.window_s = 2, 120.0  # the two share one batch (as above)
+    batches = sample(model.registry, "dynamicid_batch_size_count")
+    async def together():
+        return await asyncio.gather(*[model.predict({"instances": [r]}) for r in (per_person, scalar)])
+
+    try:
+        batched = loop.run_until_complete(together())
+    finally:
+        model.batcher.max_batch_size, model.batcher.window_s = size, window
+    assert sample(model.registry, "dynamicid_batch_size_count") == batches + 1
+    for r, out in zip((per_person, scalar), batched):
+        alone = loop.run_until_complete(model.predict({"instances": [r]}))["predictions"][0]
+        diff = np.abs(image(out["predictions"][0]) - image(alone))
+        assert diff.max() <= 3 and diff.mean() < 0.5, (r["seed"], diff.max(), diff.mean())
+    got = image(batched[0]["predictions"][0])
+    assert got.shape[:2] == (64, 64) and got.std() > 0
+    without = loop.run_until_complete(model.predict({"instances": [{**scalar, "seed": 4}]}))["predictions"][0]
+    assert np.abs(got - image(without)).max() > 3  # the first person's 0 changed the image
+    body = v2_request(per_person)
+    req = InferRequest(model_name="dynamicid", infer_inputs=[
+        InferInput(name=t["name"], shape=t["shape"], datatype=t["datatype"], data=t["data"]) for t in body["inputs"]])
+    v2 = loop.run_until_complete(model.predict(req))
+    out = {o.name: o.data[0] for o in v2.outputs}
+    v2_image = np.asarray(Image.open(io.BytesIO(base64.b64decode(out["image"]))), dtype=np.int16)
+    assert np.array_equal(v2_image, image(loop.run_until_complete(model.predict({"instances": [per_person]}))
+                                          ["predictions"][0]))
+
+
 def test_a_multi_instance_v1_request_returns_predictions_in_order(model, loop, hanks_b64):
     insts = [{"prompt": "a photo of a person", "identities": [{"image": hanks_b64}], "seed": s} for s in (5, 6)]
     out = loop.run_until_complete(model.predict({"instances": insts}))

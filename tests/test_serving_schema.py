@@ -88,6 +88,31 @@ def test_valid_instance_fills_defaults_and_decodes_images(schema, photo, photo_b
     assert other.seed == 5 and other.batch_key == (128, 64, 4, 1, False, None, False)
 
 
+def test_per_person_id_scale_defaults_to_the_request_one(schema, photo_b64):
+    """A person's own id_scale goes to the pipeline per person; the others take the request's."""
+    req = schema.parse({"prompt": "x", "id_scale": 0.5, "identities": [{"image": photo_b64, "id_scale": 0},
+                                                                       {"image": photo_b64}]})
+    assert [i.id_scale for i in req.identities] == [0, None] and req.id_scales == [0.0, 0.5]
+    plain = schema.parse({"prompt": "x", "identities": [{"image": photo_b64}, {"image": photo_b64}]})
+    assert plain.id_scales == 1.0  # nobody gives one: the request's float, as before
+    assert schema.parse({"prompt": "x", "identities": [{"image": photo_b64, "id_scale": 2}]}).id_scales == [2.0]
+
+
+def test_client_sends_each_persons_scale_over_v1_and_v2(schema, photo, tmp_path):
+    """``dynamicid infer``'s instance: a person's id_scale in their identity (v1) and in the v2
+    parameters' identities, parsed back to the same per-person scales."""
+    from serving.client import build_instance, v2_request
+
+    path = tmp_path / "p.png"
+    path.write_bytes(png(Image.fromarray(photo)))
+    inst = build_instance("x", [str(path), str(path)], id_scales=[None, 0.0], id_scale=0.5)
+    assert [i.get("id_scale") for i in inst["identities"]] == [None, 0.0] and inst["id_scale"] == 0.5
+    v1 = schema.parse(inst)
+    body = v2_request(inst)
+    instance, namer = v2_instance(_v2([(t["name"], t["datatype"], t["data"]) for t in body["inputs"]]))
+    assert v1.id_scales == schema.parse(instance, namer).id_scales == [0.5, 0.0]
+
+
 def test_line_wrapped_base64_is_accepted(schema, photo):
     text = b64(png(Image.fromarray(photo)))
     wrapped = "\n".join(text[i:i + 76] for i in range(0, len(text), 76))
@@ -120,7 +145,8 @@ def _bad_cases(photo_b64: str) -> list[tuple[str, dict, int, str, str, str]]:
         ("driving image over limit", inst(identities=[ok, {"image": photo_b64, "driving_image": big}]), 413,
          "image_too_large", "identities[1].driving_image", "the limit is 20000"),
         ("landmark count", inst(identities=[{"image": photo_b64, "landmarks": POINTS[:5]}]), 400, "bad_landmarks",
-         "identities[0].landmarks", "expected 68 points in the iBUG 300-W 68-point order (dlib) as [x, y] pairs, got 5"),
+         "identities[0].landmarks",
+         "expected 68 points in the iBUG 300-W 68-point order (dlib) as [x, y] pairs, got 5"),
         ("landmark point", inst(identities=[{"image": photo_b64, "landmarks": POINTS[:67] + [[1.0, 2.0, 3.0]]}]), 400,
          "bad_landmarks", "identities[0].landmarks[67]", "each point is [x, y]"),
         ("landmark coordinate", inst(identities=[{"image": photo_b64, "landmarks": POINTS[:67] + [[1.0, 1e7]]}]),
@@ -149,15 +175,23 @@ def _bad_cases(photo_b64: str) -> list[tuple[str, dict, int, str, str, str]]:
          "bbox_out_of_range", "identities[1].bbox", "y0 < y1 and x0 < x1, got [0.8, 0.0, 0.2, 1.0]"),
         ("bbox length", inst(identities=[{"image": photo_b64, "bbox": [0, 0, 1]}]), 400, "out_of_range",
          "identities[0].bbox", "at least 4"),
-        ("steps high", inst(num_inference_steps=9), 400, "out_of_range", "num_inference_steps", "less than or equal to 8"),
+        ("steps high", inst(num_inference_steps=9), 400, "out_of_range", "num_inference_steps",
+         "less than or equal to 8"),
         ("steps zero", inst(num_inference_steps=0), 400, "out_of_range", "num_inference_steps",
          "greater than or equal to 1"),
         ("height not /8", inst(height=100), 400, "out_of_range", "height", "multiple of 8"),
         ("width too big", inst(width=256), 400, "out_of_range", "width", "less than or equal to 128"),
         ("width too small", inst(width=32), 400, "out_of_range", "width", "greater than or equal to 64"),
         ("guidance high", inst(guidance_scale=10.5), 400, "out_of_range", "guidance_scale", "less than or equal to 10"),
-        ("guidance negative", inst(guidance_scale=-1), 400, "out_of_range", "guidance_scale", "greater than or equal to 0"),
+        ("guidance negative", inst(guidance_scale=-1), 400, "out_of_range", "guidance_scale",
+         "greater than or equal to 0"),
         ("id_scale high", inst(id_scale=3), 400, "out_of_range", "id_scale", "less than or equal to 2"),
+        ("person id_scale high", inst(identities=[ok, {"image": photo_b64, "id_scale": 2.5}]), 400, "out_of_range",
+         "identities[1].id_scale", "less than or equal to 2 (got 2.5)"),
+        ("person id_scale negative", inst(identities=[{"image": photo_b64, "id_scale": -0.1}]), 400, "out_of_range",
+         "identities[0].id_scale", "greater than or equal to 0"),
+        ("person id_scale as text", inst(identities=[{"image": photo_b64, "id_scale": "1"}]), 400, "invalid_field",
+         "identities[0].id_scale", "valid number"),
         ("seed negative", inst(seed=-1), 400, "out_of_range", "seed", "greater than or equal to 0"),
         ("prompt too long", inst(prompt="x" * 51), 400, "out_of_range", "prompt", "at most 50 characters"),
         ("expression too long", inst(identities=[{"image": photo_b64, "expression": "y" * 21}]), 400,
@@ -236,16 +270,18 @@ def _landmarks_tensor(sets: list[list[list[float]] | None], n_points: int = 68) 
 
 def test_v2_tensors_map_to_the_v1_instance(schema, photo_b64):
     params = {"seed": 3, "num_inference_steps": 4, "negative_prompt": "blurry",
-              "identities": [{"bbox": [0, 0, 1, 0.5]}, {"expression": "smiling"}]}
+              "identities": [{"bbox": [0, 0, 1, 0.5]}, {"expression": "smiling", "id_scale": 0.25}]}
     req = _v2([("prompt", "BYTES", ["two people"]), ("id_images", "BYTES", [photo_b64, photo_b64]),
                ("driving_images", "BYTES", ["", photo_b64]), _landmarks_tensor([POINTS, None]),
                ("parameters", "BYTES", [json.dumps(params)])])
     instance, namer = v2_instance(req)
     assert instance == {"prompt": "two people", "seed": 3, "num_inference_steps": 4, "negative_prompt": "blurry",
                         "identities": [{"image": photo_b64, "bbox": [0, 0, 1, 0.5], "landmarks": POINTS},
-                                       {"image": photo_b64, "expression": "smiling", "driving_image": photo_b64}]}
+                                       {"image": photo_b64, "expression": "smiling", "id_scale": 0.25,
+                                        "driving_image": photo_b64}]}
     parsed = schema.parse(instance, namer)
     assert parsed.batch_key == (64, 64, 4, 2, True, None, True) and parsed.identities[0].landmarks.tolist() == POINTS
+    assert parsed.id_scales == [1.0, 0.25]
     assert [namer(p) for p in ["prompt", "identities", "identities[1]", "identities[1].image",
                                "identities[0].driving_image", "identities[1].landmarks",
                                "identities[1].landmarks[3][0]", "identities[0].bbox", "identities[0].bbox[2]",
@@ -287,7 +323,8 @@ def test_v2_landmark_errors_name_the_tensor(schema, photo_b64):
       ("parameters", "BYTES", ['{"identities": [{"landmarks": [[1, 2]]}]}'])], "parameters.identities[0].landmarks",
      "landmarks tensor"),
     ([("prompt", "BYTES", ["x"]), ("id_images", "BYTES", ["a"]),
-      ("parameters", "BYTES", ['{"identities": [{"driving_image": "abc"}]}'])], "parameters.identities[0].driving_image",
+      ("parameters", "BYTES", ['{"identities": [{"driving_image": "abc"}]}'])],
+     "parameters.identities[0].driving_image",
      "driving_images tensor"),
     ([("prompt", "BYTES", ["x"]), ("id_images", "BYTES", ["a"]), ("parameters", "BYTES", ["{seed: 1"])],
      "parameters", "not valid JSON"),
@@ -317,6 +354,10 @@ def test_v2_field_names_in_parse_errors(schema, photo_b64):
         schema.parse(instance, namer)
     assert err.value.field == "id_images[1]" and err.value.reason == "invalid_base64"
     assert v2_namer("identities[0].expression") == "parameters.identities[0].expression"
+    instance["identities"][1] = {"image": photo_b64, "id_scale": 9}
+    with pytest.raises(ServingError) as err:
+        schema.parse(instance, namer)
+    assert (err.value.status, err.value.field) == (400, "parameters.identities[1].id_scale")
 
 
 # ------------------------------------------------------------------------------------ JSON Schema

@@ -1,5 +1,5 @@
 """Per-person command-line arguments, shared by ``dynamicid generate`` and ``dynamicid infer``: the i-th
---bbox/--expression/--driving-image/--landmarks belongs to the i-th --id-image, '-' skips one.
+--bbox/--expression/--driving-image/--landmarks/--person-id-scale belongs to the i-th --id-image, '-' skips one.
 """
 
 from __future__ import annotations
@@ -49,3 +49,21 @@ def load_landmarks(path: str) -> list[list[float]]:
         raise argparse.ArgumentTypeError(f"--landmarks {path}: expected a JSON list of [x, y] number pairs "
                                          "(pixels of the --id-image)")
     return [[float(x), float(y)] for x, y in points]
+
+
+def parse_scale(text: str) -> float:
+    """A ``--person-id-scale`` value: a finite number >= 0 (the server checks its upper limit)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--person-id-scale {text!r}: expected a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"--person-id-scale {text!r}: expected a finite number >= 0")
+    return value
+
+
+def person_scales(values: list[str], n: int) -> list[float | None] | None:
+    """The repeated ``--person-id-scale`` values -> one per person (None: the image's --id-scale),
+    or None when no person has one."""
+    scales = [parse_scale(v) if (v := nth_value(values, k)) else None for k in range(n)]
+    return scales if any(s is not None for s in scales) else None

@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from components.generate.args import load_landmarks, nth_value, parse_bbox
+from components.generate.args import load_landmarks, nth_value, parse_bbox, person_scales
 
 log = logging.getLogger(__name__)
 
@@ -17,7 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "generate",
         help="generate an image of one or several people from reference photos",
         description="Put each --id-image's person into an image described by --prompt. The i-th --bbox, "
-        "--expression, --driving-image and --landmarks belong to the i-th --id-image (use '-' to skip one). "
+        "--expression, --driving-image, --landmarks and --person-id-scale belong to the i-th --id-image (use '-' to "
+        "skip one). "
         "Without boxes, 2-4 people are placed by --layout auto (regions found from the model's own activation "
         "maps during the first steps; written next to the image as <out>.layout.png) or in equal vertical strips.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -28,7 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--id-image", action="append", required=True, help="reference photo of one person (repeatable)")
     g.add_argument("--aligned", action="store_true", help="reference images are aligned face crops (no detection)")
     g.add_argument("--bbox", action="append", default=[], help="y0,x0,y1,x1 in [0,1] for the i-th person, or -")
-    g.add_argument("--expression", action="append", default=[], help="target expression/pose text for the i-th person, or -")
+    g.add_argument("--expression", action="append", default=[],
+                   help="target expression/pose text for the i-th person, or -")
     g.add_argument("--driving-image", action="append", default=[],
                    help="photo whose face's pose and expression the i-th person takes (anyone's), or -")
     g.add_argument("--landmarks", action="append", default=[],
@@ -39,6 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--steps", type=int, default=30)
     g.add_argument("--guidance", type=float, default=5.0)
     g.add_argument("--id-scale", type=float, default=None, help="default: model.saa.id_scale")
+    g.add_argument("--person-id-scale", action="append", default=[],
+                   help="identity scale of the i-th person (0 leaves them out), or - for --id-scale")
     g.add_argument("--height", type=int, default=None, help="default: the profile's resolution")
     g.add_argument("--width", type=int, default=None)
     g.add_argument("--seed", type=int, default=0)
@@ -66,7 +70,7 @@ def run_generate(args: argparse.Namespace, params) -> int:
     from model.pipeline import GenerationError, IdentityInput
 
     n = len(args.id_image)
-    for name in ("bbox", "expression", "driving_image", "landmarks"):
+    for name in ("bbox", "expression", "driving_image", "landmarks", "person_id_scale"):
         if len(getattr(args, name)) > n:
             raise UserError(f"more --{name.replace('_', '-')} values than --id-image values")
     identities = []
@@ -78,9 +82,13 @@ def run_generate(args: argparse.Namespace, params) -> int:
                 expression=nth_value(args.expression, i), driving_image=load_image(drive) if drive else None,
                 landmarks=load_landmarks(lmk) if lmk else None,
             ))
+        id_scale = args.id_scale
+        if (own := person_scales(args.person_id_scale, n)) is not None:  # one sample: one list, one per person
+            default = params.model.saa.id_scale if id_scale is None else id_scale
+            id_scale = [[default if s is None else s for s in own]]
         pipe = pipeline_from_params(params, args.checkpoint)
         out = pipe(args.prompt, identities, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
-                   guidance_scale=args.guidance, id_scale=args.id_scale, height=args.height, width=args.width,
+                   guidance_scale=args.guidance, id_scale=id_scale, height=args.height, width=args.width,
                    seed=args.seed, layout=args.layout)
     except (FaceAnalysisError, GenerationError, CheckpointError, FileNotFoundError, argparse.ArgumentTypeError) as err:
         raise UserError(str(err)) from None

@@ -38,7 +38,7 @@ class _Slot:
     t: Tensor  # [] or [B]
     states: Tensor  # [B, T (+ n_id), D]
     ctx: StaticIDContext | None
-    scale: Tensor | None  # [B] fp32
+    scale: Tensor | None  # [B, N] fp32: each sample's scale per identity (a float or [B] id_scale, broadcast)
     ids: Tensor | None = None  # [B, n_id, D] the request's ID tokens (precomputed mode)
     mix: Tensor | None = None  # [1, 1, n_id, 1] per-token key factor of mix_scale, or None
     # (boost on, recording activation maps) -> captured graph and its static output
@@ -186,7 +186,7 @@ class BucketStepRunner:
         t_buf = torch.zeros(t.shape, dtype=t.dtype, device=device)
         if ctx is None:
             return _Slot(key, torch.zeros_like(latents), t_buf, slot_states, None, None)
-        scale = torch.ones(batch, device=device, dtype=torch.float32)
+        scale = torch.ones(batch, ctx.num_ids, device=device, dtype=torch.float32)
         sctx = StaticIDContext(
             num_ids=ctx.num_ids, num_tokens=ctx.num_tokens, latent_hw=tuple(latents.shape[-2:]), id_scale=scale,
             gating=ctx.gating, tau=ctx.tau, boost=ctx.boost, mix_scale=ctx.mix_scale, precomputed=self.precomputed,
@@ -242,17 +242,24 @@ class BucketStepRunner:
         batch = states.shape[0]
         scale = ctx.id_scale
         if isinstance(scale, Tensor):
-            scale = scale.to(device=slot.scale.device, dtype=torch.float32).reshape(-1)
-            if scale.numel() not in (1, batch):
-                raise ValueError(f"IDContext.id_scale has {scale.numel()} values, batch is {batch}")
-            slot.scale.copy_(scale.expand(batch))
+            scale = scale.to(device=slot.scale.device, dtype=torch.float32)
+            if scale.dim() == 2:  # [B or 1, N] per identity
+                if scale.shape[1] != ctx.num_ids or scale.shape[0] not in (1, batch):
+                    raise ValueError(f"IDContext.id_scale has shape {tuple(scale.shape)}, "
+                                     f"expected [{batch}, {ctx.num_ids}]")
+            else:  # [B] or [1] per sample: the same for every identity
+                scale = scale.reshape(-1, 1)
+                if scale.shape[0] not in (1, batch):
+                    raise ValueError(f"IDContext.id_scale has {scale.shape[0]} values, batch is {batch}")
+            slot.scale.copy_(scale.expand_as(slot.scale))
         else:
             slot.scale.fill_(float(scale))
         b = float(ctx.boost)
         for (q_h, q_w), grid in sctx.grids.items():
             masks = ctx.region_masks(q_h, q_w, states.device)  # cached on the request's context
             if masks.inside_any.shape[0] not in (1, batch):
-                raise ValueError(f"IDContext.regions are given for {masks.inside_any.shape[0]} samples, batch is {batch}")
+                raise ValueError(f"IDContext.regions are given for {masks.inside_any.shape[0]} samples, "
+                                 f"batch is {batch}")
             grid.masks.inside.copy_(masks.inside.expand_as(grid.masks.inside))
             grid.masks.inside_any.copy_(masks.inside_any.expand_as(grid.masks.inside_any))
             if grid.masks.allowed is not None:
@@ -287,7 +294,9 @@ class BucketStepRunner:
             key4 = key.view(batch, n_id, heads, -1).transpose(1, 2)  # [B, heads, n_id, d]
             st.key.copy_(key4 * slot.mix if slot.mix is not None else key4)
             value4 = value.view(batch, n_id, heads, -1).transpose(1, 2)
-            st.value.copy_(value4 * slot.scale.to(dtype).view(batch, 1, 1, 1))
+            # each identity's scale on its own tokens (K, or 2K with mix_scale): [B, N] -> [B, 1, n_id, 1]
+            per_token = slot.scale.to(dtype).repeat_interleave(n_id // slot.scale.shape[1], dim=1)
+            st.value.copy_(value4 * per_token.view(batch, 1, n_id, 1))
 
     # ------------------------------------------------------------------ running
     def _slot_recorder(self, slot: _Slot, request: ActivationRecorder) -> ActivationRecorder:

@@ -24,7 +24,7 @@ class LayerIDState:
     """ID-branch tensors of one cross-attention for one request (fixed buffers in graph mode)."""
 
     key: Tensor  # [B, heads, n_id, d]  ID keys as the SDPA sees them (mix_scale applied)
-    value: Tensor  # [B, heads, n_id, d]  ID values with id_scale folded in per sample
+    value: Tensor  # [B, heads, n_id, d]  ID values with id_scale folded in (per sample and identity)
     key_mean: Tensor  # [B, inner, 1]  mean raw ID key: the gate's direction (a(q) ~ q . key_mean)
 
 

@@ -6,6 +6,8 @@ region masks per (query grid, device), so processors keep no per-call state of t
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -45,7 +47,9 @@ class IDContext:
     num_tokens: int = 4
     regions: Tensor | None = None  # [N, 4] or [B, N, 4], normalised (y0, x0, y1, x1); None = N vertical strips
     latent_hw: tuple[int, int] = (64, 64)
-    id_scale: float | Tensor = 1.0  # float or [B] per sample (CFG halves, batched requests); 0.0 skips the branch
+    # float, [B] per sample (CFG halves, batched requests) or [B, N] per sample and identity (each person's own
+    # scale, applied to that identity's tokens only: split_id_scale); a Python 0.0 skips the branch
+    id_scale: float | Tensor = 1.0
     gating: bool = True
     tau: float = 0.3
     boost: float = 4.0
@@ -88,6 +92,9 @@ class IDContext:
                 )
             if not 0.0 <= float(self.mix_scale) <= 1.0:
                 raise ValueError(f"mix_scale must lie in [0, 1], got {self.mix_scale}")
+        scale = self.id_scale
+        if isinstance(scale, Tensor) and (scale.dim() > 2 or (scale.dim() == 2 and scale.shape[1] != self.num_ids)):
+            raise ValueError(f"id_scale must be a float, [B] or [B, num_ids={self.num_ids}], got {tuple(scale.shape)}")
         if self.regions is not None:
             if self.num_ids == 0:
                 raise ValueError("regions given but num_ids is 0")
@@ -141,6 +148,61 @@ class IDContext:
                                torch.floor(boxes[..., 1::2] * q_w + 1e-4) / q_w], dim=-1)[..., [0, 2, 1, 3]]
         masks = masks_from_boxes(boxes, q_h, q_w, self.num_id_tokens, self.routing)
         return RegionMasks(*(None if t is None else _to_device(t, device) for t in masks))
+
+
+def split_id_scale(scale: Tensor, batch: int, num_ids: int) -> tuple[Tensor, Tensor]:
+    """Per-identity scales [B or 1, N] -> (per-sample factor [B or 1], per-identity ratio [B or 1, N]), fp32.
+
+    The ID branch is a(q) * sum_t p(q, t) V_t over every identity's tokens t (one softmax, routed by
+    the regions), so multiplying identity i's values V_t by s_i scales exactly identity i's term:
+    s_i = 0 removes that person's contribution and leaves every other person's term as it was.
+    The scale is split as s_i = top * (s_i / top), top = max_i s_i: ``top`` multiplies the gate as
+    the [B] form does and the ratio the values. When a sample's scales are equal the ratios are
+    exactly 1.0, so [s, s] gives the [B] form's numbers bit for bit, with no read-back to the host
+    (the same graph-capturable ops for any values). A sample whose scales are all 0 gets ratio 0.
+    (``top`` is the largest magnitude, so a negative scale keeps its sign: s_i = top * ratio_i.)
+    """
+    if scale.dim() != 2 or scale.shape[1] != num_ids or scale.shape[0] not in (1, batch):
+        raise ValueError(f"IDContext.id_scale has shape {tuple(scale.shape)}, expected [{batch}, {num_ids}]")
+    scale = scale.float()
+    top = scale.abs().amax(dim=1, keepdim=True)  # [B, 1]
+    ratio = torch.where(top > 0, scale / top.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(scale))
+    return top.squeeze(1), ratio
+
+
+def request_id_scales(id_scale: float | Sequence[float | Sequence[float]] | None, default: float, batch: int,
+                      num_ids: int, error: type[Exception] = ValueError) -> Tensor:
+    """The pipeline's ``id_scale`` -> [b] fp32 (one per sample) or [b, N] (per sample and person), on the host.
+
+    ``id_scale``: None (``default``), a float, or a list with one entry per sample, each a float or
+    a list of N floats (one per identity of that sample). Samples whose people share one value fold
+    back to the [b] form, so per-person lists only change the numbers where they differ.
+    """
+    if id_scale is None or isinstance(id_scale, numbers.Real):
+        return torch.full((batch,), float(default if id_scale is None else id_scale), dtype=torch.float32)
+    if len(id_scale) != batch:
+        raise error(f"{batch} prompts but {len(id_scale)} id_scale values")
+    if not any(isinstance(v, Sequence) for v in id_scale):
+        return torch.tensor([float(v) for v in id_scale], dtype=torch.float32)
+    rows = []
+    for j, v in enumerate(id_scale):
+        if isinstance(v, Sequence) and len(v) != num_ids:
+            raise error(f"id_scale[{j}] has {len(v)} values, the sample has {num_ids} identities")
+        rows.append([float(x) for x in v] if isinstance(v, Sequence) else [float(v)] * num_ids)
+    if num_ids == 0:
+        return torch.full((batch,), float(default), dtype=torch.float32)
+    per_id = torch.tensor(rows, dtype=torch.float32)  # [b, N]
+    return per_id[:, 0].clone() if bool((per_id == per_id[:, :1]).all()) else per_id
+
+
+def context_id_scale(scale: Tensor, reps: int, device: torch.device | str) -> float | Tensor:
+    """``request_id_scales``' [b] or [b, N] -> IDContext.id_scale for a UNet batch of ``reps`` x b
+    (classifier-free guidance: both halves take the request's scales). One value for all: a float,
+    the branch's cheapest form (and 0.0 skips it); otherwise the tensor repeated, on ``device``."""
+    first = scale.flatten()[0]
+    if bool((scale == first).all()):
+        return float(first)
+    return scale.repeat(reps, *([1] * (scale.dim() - 1))).to(device)
 
 
 def _to_device(t: Tensor, device: torch.device) -> Tensor:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 if TYPE_CHECKING:  # diffusers is imported lazily: model/ imports must stay cheap for light users
     from diffusers.models.attention_processor import Attention
 
-from model.saa.context import IDContext
+from model.saa.context import IDContext, split_id_scale
 from model.saa.lora import _LoRAHost
 from model.saa.regions import RegionMasks
 
@@ -95,6 +95,8 @@ class SAAAttnProcessor(_LoRAHost):
     ) -> Tensor:
         """out + id_scale * a(q) * softmax(S_masked) V_id, all [B, HW, inner].
 
+        A per-identity id_scale [B, N] scales each identity's rows of V_id (``split_id_scale``).
+
         Written for few kernel launches: at inference the UNet step is launch-bound, and this
         branch runs in every cross-attention of every step.
         """
@@ -120,6 +122,12 @@ class SAAAttnProcessor(_LoRAHost):
 
         gate = self._gate(query, key, ctx, masks)  # [B, HW] fp32
         scale = ctx.id_scale
+        if isinstance(scale, Tensor) and scale.dim() == 2:  # [B, N]: one scale per person
+            # per-sample factor -> the gate (below, as the [B] form); per-identity ratio -> that
+            # identity's values, its K tokens (2K with mix_scale) each: [B, N] -> [B, 1, n_id, 1]
+            scale, ratio = split_id_scale(scale.to(device=gate.device), batch, ctx.num_ids)
+            ratio = ratio.repeat_interleave(value.shape[2] // ctx.num_ids, dim=1)
+            value = value * ratio.to(value.dtype).view(ratio.shape[0], 1, -1, 1)
         if isinstance(scale, Tensor):
             scale = scale.to(device=gate.device, dtype=gate.dtype).reshape(-1)
             if scale.numel() not in (1, batch):

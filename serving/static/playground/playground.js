@@ -97,7 +97,7 @@ async function addPhotos(files) {
       state.people.push({ name: file.name, image: b64, thumb: face.thumbnail,
                           faceText: `face ${Math.round(fx1 - fx0)}×${Math.round(fy1 - fy0)} px of `
                                     + `${face.image_size[0]}×${face.image_size[1]}`,
-                          expression: "", driving: null, box: null });
+                          expression: "", idScale: "", driving: null, box: null });
     } catch (err) {
       problems.push({ file: file.name, err });
     }
@@ -130,6 +130,9 @@ function renderPeople() {
     const expr = li.querySelector(".expression");
     expr.value = p.expression;
     expr.addEventListener("input", () => { p.expression = expr.value; });
+    const scale = li.querySelector(".id-scale");  // this person's id_scale; empty: the image's id_scale
+    scale.value = p.idScale;
+    scale.addEventListener("input", () => { p.idScale = scale.value; });
     li.querySelector(".remove").addEventListener("click", () => {
       state.people.splice(i, 1);
       state.active = Math.min(state.active, Math.max(0, state.people.length - 1));
@@ -334,6 +337,7 @@ function buildInstance() {
     const ident = { image: p.image };
     if (p.box) ident.bbox = p.box;
     if (p.expression.trim()) ident.expression = p.expression.trim();
+    if (p.idScale.trim() !== "") ident.id_scale = Number(p.idScale.trim());
     if (p.driving) ident.driving_image = p.driving.image;
     inst.identities.push(ident);
   }
