@@ -5,6 +5,7 @@ encoders run, per-sample randomness) and atomic checkpoints."""
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -651,3 +652,24 @@ def test_loading_the_base_and_the_pipelines_prints_no_library_notices(cache_dir)
     assert run.returncode == 0 and run.stdout.strip() == "loaded", run.stderr[-2000:]
     for notice in ("torchvision", "accelerate", "float32"):
         assert notice not in run.stderr, run.stderr[-2000:]
+
+
+def test_cuda_arch_lists_that_deepspeed_cannot_parse_are_rewritten(monkeypatch):
+    """CUDA images name sm_90a-style targets; DeepSpeed's JIT builder (FusedAdam on a GPU) fails on them. The
+    rewritten list builds the plain targets, with DeepSpeed's own parser as the judge."""
+    from deepspeed.ops.op_builder.fused_adam import FusedAdamBuilder  # the CUDA builder, also on a CPU machine
+
+    from components.train.distributed import deepspeed_arch_list
+
+    image = "8.0 9.0a;10.0a+PTX"
+    builder = FusedAdamBuilder()
+    builder.jit_mode = True
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", image)
+    with pytest.raises(ValueError, match="0a"):
+        builder.compute_capability_args()
+    fixed = deepspeed_arch_list(image)
+    assert fixed == "8.0;9.0;10.0+PTX"
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", fixed)
+    builder.compute_capability_args()  # parses; DeepSpeed writes back the list it will build for
+    assert os.environ["TORCH_CUDA_ARCH_LIST"].split(";") == ["8.0", "9.0", "10.0+PTX"]
+    assert deepspeed_arch_list("8.0;9.0+PTX") is None and deepspeed_arch_list(None) is None

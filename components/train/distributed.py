@@ -69,6 +69,9 @@ def accelerator_env() -> str:
     import torch
 
     if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") == "cuda":
+        arch = deepspeed_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST"))
+        if arch is not None:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = arch
         return "cuda"
     if "deepspeed" in sys.modules and os.environ.get("DS_ACCELERATOR") != "cpu":
         # Something imported deepspeed already: its accelerator choice is fixed now.
@@ -78,6 +81,25 @@ def accelerator_env() -> str:
             raise RuntimeError("deepspeed was imported before DS_ACCELERATOR=cpu could be set on a CPU-only machine")
     os.environ["DS_ACCELERATOR"] = "cpu"
     return "cpu"
+
+
+def deepspeed_arch_list(value: str | None) -> str | None:
+    """TORCH_CUDA_ARCH_LIST as DeepSpeed's JIT op builder can read it, or None when it already can.
+
+    CUDA images set architecture-specific targets such as ``9.0a`` (sm_90a); DeepSpeed 0.19 parses every part of
+    an entry as an integer and stops FusedAdam's build with "invalid literal for int() with base 10: '0a'" (seen
+    on an H200). The plain ``9.0`` target runs on the same GPU; ``+PTX`` is kept.
+    """
+    if not value:
+        return None
+    entries = [e for e in value.replace(" ", ";").split(";") if e]
+    fixed = []
+    for e in entries:
+        cc, ptx = (e.split("+", 1) + [""])[:2]
+        cc = ".".join(part.rstrip("abcdefghijklmnopqrstuvwxyz") for part in cc.split("."))
+        fixed.append(cc + ("+" + ptx if ptx else ""))
+    fixed = list(dict.fromkeys(fixed))
+    return None if fixed == entries else ";".join(fixed)
 
 
 def _free_port() -> int:
