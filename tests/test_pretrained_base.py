@@ -70,3 +70,13 @@ def test_an_incomplete_stored_base_is_refused(tmp_path, prepared, stored, capsys
     shutil.copytree(stored / "unet", stored / "vae")
     code, _ = _base(tmp_path, prepared, stored)
     assert code == 2 and "no readable record.json" in capsys.readouterr().err
+
+
+def test_the_shipped_relative_path_is_found_from_any_working_directory(tmp_path, monkeypatch):
+    """Pods run in the data volume: model/testbed_base is then found beside the installed model package."""
+    from components.train.pretrained_base import locate, read_record
+
+    monkeypatch.chdir(tmp_path)
+    found = locate("model/testbed_base")
+    assert found.is_absolute() and read_record(found)["data_hash"]
+    assert locate(str(tmp_path / "none")) == tmp_path / "none"

@@ -39,11 +39,24 @@ def read_record(base: Path) -> dict:
         raise UserError(f"train.base.pretrained = {base}: no readable record.json ({e})") from None
 
 
+def locate(value: str) -> Path:
+    """The stored base's directory: as given, else (a relative path missing here, e.g. a pod whose working directory
+    is the data volume) the same path beside the installed ``model`` package, which ships model/testbed_base."""
+    path = Path(value).expanduser()
+    if not path.is_absolute() and not path.exists():
+        import model
+
+        packaged = Path(model.__file__).resolve().parent.parent / path
+        if packaged.exists():
+            return packaged
+    return path
+
+
 def install_pretrained_base(params: "Params") -> int:
     """Check the stored base against the prepared data and write it as the stage's export, metrics and loss."""
     from components.core.shards import PreparedData
 
-    base = Path(params.train.base.pretrained).expanduser()
+    base = locate(params.train.base.pretrained)
     record = read_record(base)
     data_hash = PreparedData(params.data.prepared).manifest.get("data_hash")
     if record.get("data_hash") != data_hash:
