@@ -64,13 +64,11 @@ def install_pretrained_base(params: "Params") -> int:
             f"train.base.pretrained = {base} was trained on data {str(record.get('data_hash'))[:12]}..., but "
             f"{params.data.prepared} is {str(data_hash)[:12]}...: that base may have seen this data's held-out "
             "people. Set train.base.pretrained: null to train the base on this data (dynamicid train --stage base)")
+    from components.train.stage_run import _atomic_dir
+
     out = Path(params.train.base.output)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".export.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(base, tmp)
-    shutil.rmtree(out / "export", ignore_errors=True)
-    tmp.rename(out / "export")
+    _atomic_dir(out / "export", lambda d: shutil.copytree(base, d))  # as the trained base is written
     losses = record.get("unet_loss") or []
     (out / "loss.tsv").write_text("step\tloss\n" + "".join(f"{s}\t{v:.6f}\n" for s, v in losses))
     metrics = {"pretrained": 1, "steps": record.get("steps", 0), "vae_steps": record.get("vae_steps", 0),
