@@ -4,6 +4,8 @@
 # Evaluation runs afterwards on any machine, as the chain's does (docs/evaluation.md).
 #
 #   bash benchmarks/testbed/run_gpu.sh [-S key=value ...]     (extra overrides, e.g. -S data.prepared=DIR)
+#   STAGES=anchor bash benchmarks/testbed/run_gpu.sh ...      (one stage per device call, each under its limit;
+#   STAGES=reconfigure ... then needs runs/testbed-gpu/anchor carried back in)
 #
 # On the offline GPU machine, carry the prepared data and the wheels of benchmarks/requirements-gpu-train.txt in
 # .whl-train/ (MLflow tracks to a file store there: mlflow-skinny has no SQL store). Results go to $OUT (or
@@ -22,17 +24,22 @@ then
   export MLFLOW_TRACKING_URI="${MLFLOW_TRACKING_URI:-file:///tmp/dynamicid-mlruns}" MLFLOW_ALLOW_FILE_STORE=true
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-for stage in anchor reconfigure; do
+R=runs/testbed-gpu
+for stage in ${STAGES:-anchor reconfigure}; do
   start=$(date +%s)
   "$PY" -m components.cli --params benchmarks/testbed/params-gpu.yaml "$@" train --stage "$stage" 2>&1 \
     | grep --line-buffered -v -e "it/s]" -e "s/it]" | tee -a "$OUT_DIR/train.log"
   echo "$stage $(( $(date +%s) - start )) s" | tee -a "$OUT_DIR/times.txt"
+  if [ "$stage" = anchor ]; then  # does stage 1 carry identity? token spread and what the loss sees (CPU, ~1 min)
+    "$PY" -m benchmarks.testbed.id_signal --checkpoint "$R/anchor/export" --params benchmarks/testbed/params-gpu.yaml \
+      "$@" --people 10 --photos 4 --repeats 2 2>/dev/null > "$OUT_DIR/id_signal.json" || echo "id_signal failed" >&2
+  fi
 done
 "$PY" - <<'PY' | tee -a "$OUT_DIR/times.txt"
 import torch
 print("device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "torch", torch.__version__)
 PY
-R=runs/testbed-gpu
-tar -cf "$OUT_DIR/testbed-gpu.tar" "$R/reconfigure/export" "$R/anchor/metrics.json" "$R/anchor/loss.tsv" \
-  "$R/reconfigure/metrics.json" "$R/reconfigure/loss.tsv"
+# the latest export (stage 2's, else stage 1's) and every finished stage's metrics and losses
+tar -cf "$OUT_DIR/testbed-gpu.tar" $(ls -d "$R/reconfigure/export" 2>/dev/null || ls -d "$R/anchor/export") \
+  $(ls "$R"/*/metrics.json "$R"/*/loss.tsv 2>/dev/null)
 ls -la "$OUT_DIR"

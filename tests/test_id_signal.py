@@ -1,0 +1,56 @@
+"""The identity-signal diagnostic (benchmarks/testbed/id_signal.py) tells a face encoder that separates people from one
+that gives everyone the same tokens. The blind encoder is built for real (its input layers zeroed), as in
+tests/test_learning_checks.py; the readings of the blind model are exact, not thresholds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.testbed.id_signal import measure_task
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from components.core.shards import PreparedData
+    from components.train.testbed import write_testbed
+
+    root = tmp_path_factory.mktemp("id-signal-data")
+    write_testbed(root, identities=4, images_per_identity=4, test_identities=1)
+    return PreparedData(root)
+
+
+def _task(tiny_params):
+    from components.train.tasks import AnchorTask
+    from model.dynamicid import build_dynamicid
+    from model.loading import load_backbone_for
+
+    bb = load_backbone_for(tiny_params.model, tiny_params.storage.cache_dir)
+    torch.manual_seed(0)
+    dyn = build_dynamicid(bb, tiny_params.model, "dlib")
+    return dyn, AnchorTask(bb, dyn, tiny_params.model, 0).eval()
+
+
+def test_a_blind_encoder_reads_as_no_spread_and_no_identity_gain(tiny_params, data):
+    dyn, task = _task(tiny_params)
+    kw = dict(split="train", people=3, photos=3, repeats=1, resolution=tiny_params.model.tiny.resolution)
+    aware = measure_task(task, data, **kw)
+    assert aware["people"] == 3 and aware["tokens"]["relative_spread"] > 0.01
+    assert aware["loss"]["caption_own"] != aware["loss"]["caption_other"]
+    assert aware["inputs"]["embedding"]["centred_within"] > aware["inputs"]["embedding"]["centred_between"]
+
+    with torch.no_grad():  # same tokens for everyone: neither the embedding nor the CLIP features reach them
+        dyn.face_encoder.id_mlp[0].weight.zero_()
+        dyn.face_encoder.clip_proj.weight.zero_()
+    blind = measure_task(task, data, **kw)
+    assert blind["tokens"]["relative_spread"] < 1e-6
+    assert blind["id_gain_with_caption"] == 0.0 and blind["id_gain_without_caption"] == 0.0
+    assert blind["inputs"] == aware["inputs"]  # the inputs did not change, only what the encoder makes of them
+    assert blind["text_gain"] != 0.0  # the text still conditions the UNet
+
+
+def test_too_few_people_is_a_clear_error(tiny_params, data):
+    _, task = _task(tiny_params)
+    with pytest.raises(ValueError, match="fewer than 2 people"):
+        measure_task(task, data, split="test", people=3, photos=3, repeats=1,
+                     resolution=tiny_params.model.tiny.resolution)
