@@ -130,3 +130,24 @@ def test_bad_profile_sections_name_their_key_path():
         params_from_dict({"profiles": {"sd21": {}}})
     with pytest.raises(ParamsError, match="may not set the profile itself"):
         params_from_dict({"profiles": {"tiny": {"model": {"profile": "sd15"}}}})
+
+
+def test_the_gate_follows_the_profile_and_a_written_threshold_set_replaces_it(tmp_path):
+    """sd15 is gated for real photos by the profile alone (the cluster's file names nothing else); a threshold set
+    written at the top level or with -S is taken whole, not merged with the profile's other thresholds."""
+    tiny = load_params("params.yaml")
+    sd15 = load_params("params.yaml", ["model.profile=sd15"])
+    assert tiny.gate.minimums["single.detection_rate"] == 0.8 and tiny.gate.interval_above["single.id_lift"] == 0.0
+    assert sd15.gate.minimums["single.detection_rate"] == 0.95 and sd15.gate.interval_above["single.id_lift"] == 0.1
+    assert sd15.gate.maximums["multi2.confusion_rate"] < tiny.gate.maximums["multi2.confusion_rate"]
+    cluster = load_params("k8s/base/params-cluster.yaml").gate
+    assert (cluster.minimums, cluster.maximums, cluster.interval_above) == (
+        sd15.gate.minimums, sd15.gate.maximums, sd15.gate.interval_above)
+    mine = load_params("params.yaml", ['gate.minimums={"single.people": 1}'])
+    assert mine.gate.minimums == {"single.people": 1.0} and mine.gate.maximums == tiny.gate.maximums
+    f = tmp_path / "params.yaml"
+    f.write_text("model:\n  profile: sd15\ngate:\n  interval_above:\n    single.id_lift: 0.2\n")
+    written = load_params(f)
+    assert written.gate.interval_above == {"single.id_lift": 0.2} and written.gate.minimums == sd15.gate.minimums
+    again = load_params(f, ['gate.interval_above={"edit.pose_error_gain": 0.0}'])
+    assert again.gate.interval_above == {"edit.pose_error_gain": 0.0}

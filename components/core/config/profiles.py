@@ -7,7 +7,8 @@ the sd15 schedule of method.md lives here, not in every params file. Precedence,
     schema defaults < PROFILE_DEFAULTS[profile] < params file ``profiles.<profile>`` < params file top level < -S
 
 so a value written at a params file's top level is always the user's decision, and ``profiles.<profile>`` holds the
-values that should follow the profile (params.yaml keeps the tiny schedule there, beside sd15's).
+values that should follow the profile (params.yaml keeps the tiny schedule and gate there, beside sd15's schedule).
+Mappings merge key by key, except ``WHOLE_VALUES`` (the gate's threshold sets), which a higher layer replaces.
 """
 
 from __future__ import annotations
@@ -30,8 +31,21 @@ PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
             "reconfigure": {"steps": 10000, "lr": 1.0e-4, "micro_batch": 4, "warmup_steps": 500},
         },
         "evaluate": {"steps": 30, "clip_model": "/models/clip-vit-large-patch14", "motion_reader": "landmarks"},
+        # Real photos, read back with insightface: a SD1.5 portrait nearly always holds a face its detector finds,
+        # so a missed face is a defect, not the detector's limit (the tiny profile's 64 px faces allow 0.8); ArcFace
+        # puts different people near 0 cosine, so an identity lift that cannot be told from 0.1 keeps no identity.
+        "gate": {
+            "minimums": {"single.detection_rate": 0.95, "edit.detection_rate": 0.9, "drive.detection_rate": 0.9},
+            "maximums": {"multi2.missing_rate": 0.1, "multi2.confusion_rate": 0.1},
+            "interval_above": {"single.id_lift": 0.1, "edit.pose_error_gain": 0.0,
+                               "edit.expression_agreement_gain": 0.0, "drive.pose_error_gain": 0.0},
+        },
     },
 }
+
+# Values that are one decision, not a set of defaults to add to: a params file that writes gate.minimums (at the top
+# level or with -S) gets exactly those minimums, not the profile's others merged in.
+WHOLE_VALUES = (("gate", "minimums"), ("gate", "maximums"), ("gate", "interval_above"), ("gate", "max_regression"))
 
 
 def merge(base: dict, extra: dict) -> dict:
@@ -39,6 +53,15 @@ def merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for k, v in extra.items():
         out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def without_replaced(layer: dict, raw: dict) -> dict:
+    """``layer`` less the WHOLE_VALUES that ``raw`` writes itself (so that merging ``raw`` replaces them)."""
+    out = dict(layer)
+    for section, key in WHOLE_VALUES:
+        if key in (raw.get(section) or {}) and key in (out.get(section) or {}):
+            out[section] = {k: v for k, v in out[section].items() if k != key}
     return out
 
 
