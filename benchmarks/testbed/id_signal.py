@@ -60,7 +60,7 @@ def measure_task(task, data, split: str, people: int, photos: int, repeats: int,
     """The three readings of the module docstring for an ``AnchorTask`` over ``data``'s people of ``split``."""
     import torch
 
-    from components.train.checks import _tokens
+    from components.train.checks import photo_tokens
     from components.train.images import image_tensor
     from components.train.losses import SampleRandom, encode_latents, noised, per_sample_mse
     from model.dynamicid import clip_image_features, text_embeddings
@@ -75,7 +75,7 @@ def measure_task(task, data, split: str, people: int, photos: int, repeats: int,
     samples = [data.sample(p) for p in picks]
     out: dict = {"split": split, "people": len(names), "photos": photos}
     with torch.no_grad():
-        tokens = _tokens(task, data, picks).flatten(1).double().numpy()  # [P, K * D]
+        tokens = photo_tokens(task, data, picks).flatten(1).double().numpy()  # [P, K * D]
         mean = tokens.mean(0)
         out["tokens"] = {"relative_spread": float(np.linalg.norm(tokens - mean, axis=1).mean() / np.linalg.norm(mean)),
                          **_cosines(tokens, labels)}
@@ -94,9 +94,10 @@ def measure_task(task, data, split: str, people: int, photos: int, repeats: int,
             pixels = torch.stack([image_tensor(s.pixels, resolution) for s in got])
             texts = {"caption": text_embeddings(bb, [s.caption for s in got])[0],
                      "empty": text_embeddings(bb, [""] * len(got))[0]}
-            toks = {"own": _tokens(task, data, [o for _, o, _ in chunk]),
-                    "other": _tokens(task, data, [x for _, _, x in chunk]),
-                    "uncond": task.face_tokens(torch.zeros(len(got), emb.shape[1]), torch.zeros_like(pixels))}
+            toks = {"own": photo_tokens(task, data, [o for _, o, _ in chunk]),
+                    "other": photo_tokens(task, data, [x for _, _, x in chunk]),
+                    "uncond": task.face_tokens(torch.zeros(len(got), emb.shape[1]),
+                                               torch.zeros((len(got), *crops.shape[1:])))}
             for r in range(repeats):
                 rand = SampleRandom([1000 * c + 17 * r + j for j in range(len(chunk))])
                 noisy, t, target = noised(bb.scheduler, encode_latents(bb.vae, pixels, rand), rand)

@@ -72,7 +72,8 @@ def _chunks(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def _tokens(task, data: "PreparedData", positions: list[int]) -> torch.Tensor:
+def photo_tokens(task, data: "PreparedData", positions: list[int]) -> torch.Tensor:
+    """The face encoder's ID tokens of prepared photos (their embedding and face crop): [B, K, D]."""
     samples = [data.sample(p) for p in positions]
     emb = torch.stack([torch.from_numpy(s.embedding.copy()) for s in samples])
     crops = torch.stack([image_tensor(s.face_crop) for s in samples])
@@ -106,8 +107,8 @@ def id_token_check(task: "AnchorTask", data: "PreparedData", *, limit: int, reso
         samples = [data.sample(t) for t, _, _ in chunk]
         pixels = torch.stack([image_tensor(s.pixels, resolution) for s in samples]).to(bb.vae.device)
         text, _ = text_embeddings(bb, [s.caption for s in samples])
-        own = _tokens(task, data, [o for _, o, _ in chunk])  # [B, K, D]
-        other = _tokens(task, data, [x for _, _, x in chunk])  # [B, K, D]
+        own = photo_tokens(task, data, [o for _, o, _ in chunk])  # [B, K, D]
+        other = photo_tokens(task, data, [x for _, _, x in chunk])  # [B, K, D]
         for r in range(repeats):
             rand = SampleRandom([noise_seed(seed, _CHECK_STREAM + t * repeats + r) for t, _, _ in chunk],
                                 bb.vae.device)
@@ -167,7 +168,7 @@ def imr_check(task: "ReconfigureTask", data: "PreparedData", *, limit: int, batc
         src = [data.sample(pairs[i][0]) for i in chunk]
         tgt = [data.sample(pairs[i][1]) for i in chunk]
         shf = [data.sample(shuffled[i]) for i in chunk]
-        tokens = _tokens(task, data, [pairs[i][0] for i in chunk] + [pairs[i][1] for i in chunk])
+        tokens = photo_tokens(task, data, [pairs[i][0] for i in chunk] + [pairs[i][1] for i in chunk])
         src_tok, tgt_tok = tokens[:len(chunk)], tokens[len(chunk):]
         src_prompts = [s.face_prompt for s in src]
         pred = task.edit(src_tok, lmk(src), src_prompts, lmk(tgt), [s.face_prompt for s in tgt])
