@@ -48,7 +48,7 @@ def test_a_matching_stored_base_is_installed_as_the_export(tmp_path, prepared, s
     bb = load_backbone(out / "export")  # loads like a trained base, every part present
     assert bb.unet is not None and (out / "export" / "record.json").exists()
     assert json.loads((out / "metrics.json").read_text()) == {
-        "pretrained": 1, "steps": 7, "vae_steps": 2, "images_seen": 21, "final_loss": 0.25}
+        "pretrained": 1, "steps": 7, "vae_steps": 2, "images_seen": 21, "loss_first": 0.5, "loss_final": 0.25}
     assert (out / "loss.tsv").read_text().splitlines() == ["step\tloss", "5\t0.500000", "7\t0.250000"]
     assert not dist.is_initialized() and not (out / "checkpoints").exists()  # nothing trained
 

@@ -94,3 +94,14 @@ def test_a_damaged_output_is_named_not_reported_as_missing(outputs, capsys):
     write("runs/anchor/metrics.json", '{"loss_first": 0.3')
     assert main(["summary"]) == 2
     assert "runs/anchor/metrics.json is not valid JSON" in capsys.readouterr().err
+
+
+def test_the_stored_base_is_said_to_be_installed_not_trained(outputs, capsys):
+    # what components.train.pretrained_base writes (tests/test_pretrained_base.py)
+    write("runs/base/metrics.json", {"pretrained": 1, "steps": 4373, "vae_steps": 1500, "images_seen": 1119488,
+                                     "loss_first": 0.61, "loss_final": 0.33})
+    assert main(["summary"]) == 0
+    out = capsys.readouterr().out
+    assert ("base         loss 0.6100 -> 0.3300 over 4373 steps; export runs/base/export (the stored base: "
+            "installed, not trained here)") in out
+    assert "anchor       loss 0.3600 -> 0.3500 over 200 steps; export runs/anchor/export\n" in out

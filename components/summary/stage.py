@@ -71,7 +71,8 @@ def collect(params) -> dict[str, Any]:
             stages[name] = {"status": "skipped (the base is the SD1.5 checkpoint)" if skipped else "not run"}
             continue
         entry = {"status": "done", "export": str(out / "export"), "steps": m.get("steps"),
-                 "loss_first": m.get("loss_first"), "loss_final": m.get("loss_final")}
+                 "loss_first": m.get("loss_first"), "loss_final": m.get("loss_final"),
+                 "pretrained": bool(m.get("pretrained"))}
         prefix = LEARNING_CHECK_PREFIX.get(name)  # the base stage has no learning check
         check = _check(m, prefix) if prefix else None
         if check is not None:
@@ -125,8 +126,9 @@ def format_text(s: dict[str, Any], params) -> str:
             lines.append(f"  {name:<12} {st['status']}")
             continue
         steps = int(st["steps"]) if st.get("steps") is not None else "?"
+        stored = " (the stored base: installed, not trained here)" if st.get("pretrained") else ""
         lines.append(f"  {name:<12} loss {_num(st['loss_first'])} -> {_num(st['loss_final'])} over {steps} steps; "
-                     f"export {st['export']}")
+                     f"export {st['export']}{stored}")
         c = st.get("check")
         if c is not None:
             what = ("own ID tokens beat another person's on unseen people" if name == "anchor"

@@ -73,8 +73,8 @@ def install_pretrained_base(params: "Params") -> int:
     (out / "loss.tsv").write_text("step\tloss\n" + "".join(f"{s}\t{v:.6f}\n" for s, v in losses))
     metrics = {"pretrained": 1, "steps": record.get("steps", 0), "vae_steps": record.get("vae_steps", 0),
                "images_seen": record.get("steps", 0) * record.get("batch", 0)}
-    if losses:
-        metrics["final_loss"] = losses[-1][1]
+    if losses:  # the names the trained stages' metrics use (the summary reads them)
+        metrics.update(loss_first=losses[0][1], loss_final=losses[-1][1])
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     log.info("train --stage base: installed the pretrained base %s (%s steps on %s, %s; data %s...)", base,
              record.get("steps"), record.get("device"), record.get("created"), str(data_hash)[:12])
