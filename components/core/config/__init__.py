@@ -130,11 +130,11 @@ def parse_overrides(overrides: Iterable[str]) -> dict:
 
 def params_from_dict(raw: dict | None, source: str = "params") -> Params:
     """Validate a params tree, with the chosen profile's settings (profiles.py) under its top-level values."""
-    from components.core.config.profiles import chosen_profile, profile_layer, without_replaced
+    from components.core.config.profiles import chosen_profile, profile_layer
 
     raw = dict(raw or {})
     try:
-        layer = without_replaced(profile_layer(raw, chosen_profile(raw, {})), raw)
+        layer = profile_layer(raw, chosen_profile(raw, {}))
     except ValueError as err:
         raise ParamsError(f"{source}: invalid configuration\n  {err}") from None
     for name, section in (raw.get("profiles") or {}).items():
@@ -164,10 +164,7 @@ def load_params(path: str | os.PathLike | None = None, overrides: Iterable[str] 
         raw = loaded or {}
     elif explicit:
         raise ParamsError(f"params file not found: {p}")
-    from components.core.config.profiles import without_replaced
-
-    extra = parse_overrides(overrides)
-    raw = merge(without_replaced(raw, extra), extra)
+    raw = merge(raw, parse_overrides(overrides))
     return params_from_dict(raw, str(p))
 
 

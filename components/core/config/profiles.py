@@ -48,20 +48,13 @@ PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
 WHOLE_VALUES = (("gate", "minimums"), ("gate", "maximums"), ("gate", "interval_above"), ("gate", "max_regression"))
 
 
-def merge(base: dict, extra: dict) -> dict:
-    """``extra`` over ``base``, recursively for mappings."""
+def merge(base: dict, extra: dict, _path: tuple[str, ...] = ()) -> dict:
+    """``extra`` over ``base``, recursively for mappings, except at WHOLE_VALUES, where ``extra``'s value replaces."""
     out = dict(base)
     for k, v in extra.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def without_replaced(layer: dict, raw: dict) -> dict:
-    """``layer`` less the WHOLE_VALUES that ``raw`` writes itself (so that merging ``raw`` replaces them)."""
-    out = dict(layer)
-    for section, key in WHOLE_VALUES:
-        if key in (raw.get(section) or {}) and key in (out.get(section) or {}):
-            out[section] = {k: v for k, v in out[section].items() if k != key}
+        here = (*_path, k)
+        nested = isinstance(v, dict) and isinstance(out.get(k), dict) and here not in WHOLE_VALUES
+        out[k] = merge(out[k], v, here) if nested else v
     return out
 
 
