@@ -54,3 +54,33 @@ def test_too_few_people_is_a_clear_error(tiny_params, data):
     with pytest.raises(ValueError, match="fewer than 2 people"):
         measure_task(task, data, split="test", people=3, photos=3, repeats=1,
                      resolution=tiny_params.model.tiny.resolution)
+
+
+def test_the_capacity_fit_reads_identity_only_through_a_seeing_encoder(tiny_params, data):
+    from benchmarks.testbed.id_capacity import fit_task
+
+    kw = dict(people=3, steps=6, lr=1e-3, caption=False, readings=2, resolution=tiny_params.model.tiny.resolution,
+              repeats=1)
+    _, task = _task(tiny_params)
+    aware = list(fit_task(task, data, **kw))
+    assert [r["step"] for r in aware] == [0, 3, 6] and aware[-1]["samples"] == 18
+    assert aware[-1]["loss_own"] < aware[0]["loss_own"]  # the fit trains
+    assert all(r["id_gain"] != 0.0 and r["token_spread"] > 0.01 for r in aware)
+
+    dyn, task = _task(tiny_params)
+    with torch.no_grad():  # blind for good: the input layers zeroed and frozen, so the fit cannot reopen them
+        for layer in (dyn.face_encoder.id_mlp[0], dyn.face_encoder.clip_proj):
+            layer.weight.zero_()
+            layer.weight.requires_grad_(False)
+    blind = list(fit_task(task, data, **kw))
+    assert blind[-1]["loss_own"] < blind[0]["loss_own"]  # it trains all the same ...
+    assert all(r["id_gain"] == 0.0 and r["token_spread"] < 1e-6 for r in blind)  # ... and never tells people apart
+
+
+def test_the_capacity_fit_needs_two_people(tiny_params, data):
+    from benchmarks.testbed.id_capacity import fit_task
+
+    _, task = _task(tiny_params)
+    with pytest.raises(ValueError, match="at least 2 people"):
+        next(fit_task(task, data, people=1, steps=1, lr=1e-3, caption=False,
+                      resolution=tiny_params.model.tiny.resolution))
