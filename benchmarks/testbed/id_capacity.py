@@ -27,9 +27,10 @@ def fit_task(task, data, *, people: int, steps: int, lr: float, caption: bool, r
     """Fit ``task`` (an ``AnchorTask``) on one photo of each of ``people`` training people; yield readings."""
     import torch
 
+    from benchmarks.testbed.id_signal import relative_spread
     from components.train.images import image_tensor
-    from components.train.losses import SampleRandom, encode_latents, mse, noised, per_sample_mse
-    from model.dynamicid import text_embeddings
+    from components.train.losses import SampleRandom, encode_moments, mse, noised, per_sample_mse, posterior_sample
+    from model.dynamicid import clip_image_features, text_embeddings
 
     bb = task.backbone
     groups = data.identities("train")
@@ -37,11 +38,13 @@ def fit_task(task, data, *, people: int, steps: int, lr: float, caption: bool, r
         raise ValueError(f"need at least 2 people, the train split has {len(groups)} and {people} were asked for")
     samples = [data.sample(groups[name][0]) for name in sorted(groups)[:people]]
     n = len(samples)
-    pixels = torch.stack([image_tensor(s.pixels, resolution) for s in samples])  # [n, 3, R, R]
-    crops = torch.stack([image_tensor(s.face_crop) for s in samples])
-    embeddings = torch.stack([torch.from_numpy(s.embedding.copy()) for s in samples])
+    embeddings = torch.stack([torch.from_numpy(s.embedding.copy()) for s in samples])  # [n, D]
+    # the frozen encoders run once, as with the trainer's feature cache; every step draws its own latent sample
+    moments = encode_moments(bb.vae, torch.stack([image_tensor(s.pixels, resolution) for s in samples]))
+    clip = clip_image_features(bb, torch.stack([image_tensor(s.face_crop) for s in samples]))  # [n, L, clip_dim]
     with torch.no_grad():
         text = text_embeddings(bb, [s.caption if caption else "" for s in samples])[0]  # [n, 77, D]
+    scaling = bb.vae.config.scaling_factor
     other = torch.roll(torch.arange(n), 1)  # each photo read with the next person's tokens
     opt = torch.optim.AdamW(task.trainable_parameters(), lr=lr, weight_decay=0.01)
     start = time.time()
@@ -50,12 +53,11 @@ def fit_task(task, data, *, people: int, steps: int, lr: float, caption: bool, r
         task.eval()
         own = wrong = 0.0
         with torch.no_grad():
-            tokens = task.face_tokens(embeddings, crops)  # [n, K, D]
-            mean = tokens.mean(0)
-            spread = float((tokens - mean).flatten(1).norm(dim=1).mean() / mean.norm())
+            tokens = task.encode_faces(embeddings, clip)  # [n, K, D]
+            spread = relative_spread(tokens.flatten(1).double().numpy())
             for r in range(repeats):
                 rand = SampleRandom([10_000_000 + 97 * r + j for j in range(n)])
-                noisy, t, target = noised(bb.scheduler, encode_latents(bb.vae, pixels, rand), rand)
+                noisy, t, target = noised(bb.scheduler, posterior_sample(moments, rand, scaling), rand)
                 own += float(per_sample_mse(task.predict(noisy, t, text, tokens), target).mean()) / repeats
                 wrong += float(per_sample_mse(task.predict(noisy, t, text, tokens[other]), target).mean()) / repeats
         task.train()
@@ -68,8 +70,8 @@ def fit_task(task, data, *, people: int, steps: int, lr: float, caption: bool, r
         if step % every == 0:
             yield reading(step)
         rand = SampleRandom([step * n + j for j in range(n)])
-        noisy, t, target = noised(bb.scheduler, encode_latents(bb.vae, pixels, rand), rand)
-        loss = mse(task.predict(noisy, t, text, task.face_tokens(embeddings, crops)), target)
+        noisy, t, target = noised(bb.scheduler, posterior_sample(moments, rand, scaling), rand)
+        loss = mse(task.predict(noisy, t, text, task.encode_faces(embeddings, clip)), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -77,12 +79,9 @@ def fit_task(task, data, *, people: int, steps: int, lr: float, caption: bool, r
 
 
 def main(argv: list[str] | None = None) -> None:
-    import torch
-
+    from benchmarks.testbed.id_signal import anchor_task
     from components.core.config import load_params
     from components.core.shards import PreparedData
-    from components.train.tasks import AnchorTask
-    from model.loading import load_pipeline
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params", default="params.yaml")
@@ -94,10 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--caption", action="store_true", help="train and read with the captions (default: empty prompt)")
     args = p.parse_args(argv)
     params = load_params(args.params, args.overrides)
-    torch.manual_seed(params.model.tiny.seed)
-    pipe = load_pipeline(params.model, params.face, args.checkpoint, params.storage.cache_dir, fuse_lora=False,
-                         device="cpu", dtype="fp32")
-    task = AnchorTask(pipe.backbone, pipe.dynamicid, params.model, 0)
+    task = anchor_task(params, args.checkpoint)
     for row in fit_task(task, PreparedData(params.data.prepared), people=args.people, steps=args.steps, lr=args.lr,
                         caption=args.caption, resolution=params.model.tiny.resolution):
         print(json.dumps(row), flush=True)

@@ -39,20 +39,31 @@ def _cosines(vectors: np.ndarray, labels: np.ndarray) -> dict[str, float]:
             "centred_between": float(c[~same].mean())}
 
 
-def measure(params, checkpoint: str | None, split: str, people: int, photos: int, repeats: int) -> dict:
-    """Load ``checkpoint`` (None: freshly initialised parts) on the CPU and read it with ``measure_task``."""
+def relative_spread(tokens: np.ndarray) -> float:
+    """Mean distance of each row from the mean row, over the mean row's norm: [P, F] -> 0 when all rows are equal."""
+    mean = tokens.mean(0)
+    return float(np.linalg.norm(tokens - mean, axis=1).mean() / np.linalg.norm(mean))
+
+
+def anchor_task(params, checkpoint: str | None):
+    """A stage-1 ``AnchorTask`` over ``checkpoint`` (None: freshly initialised parts, seeded), on the CPU in fp32."""
     import torch
 
-    from components.core.shards import PreparedData
     from components.train.tasks import AnchorTask
     from model.loading import load_pipeline
 
     torch.manual_seed(params.model.tiny.seed)
     pipe = load_pipeline(params.model, params.face, checkpoint, params.storage.cache_dir, fuse_lora=False,
                          device="cpu", dtype="fp32")
-    task = AnchorTask(pipe.backbone, pipe.dynamicid, params.model, 0).eval()
-    out = measure_task(task, PreparedData(params.data.prepared), split, people, photos, repeats,
-                       params.model.tiny.resolution)
+    return AnchorTask(pipe.backbone, pipe.dynamicid, params.model, 0)
+
+
+def measure(params, checkpoint: str | None, split: str, people: int, photos: int, repeats: int) -> dict:
+    """Load ``checkpoint`` (None: freshly initialised parts) and read it with ``measure_task``."""
+    from components.core.shards import PreparedData
+
+    out = measure_task(anchor_task(params, checkpoint).eval(), PreparedData(params.data.prepared), split, people,
+                       photos, repeats, params.model.tiny.resolution)
     return {"checkpoint": checkpoint or "init", **out}
 
 
@@ -76,9 +87,7 @@ def measure_task(task, data, split: str, people: int, photos: int, repeats: int,
     out: dict = {"split": split, "people": len(names), "photos": photos}
     with torch.no_grad():
         tokens = photo_tokens(task, data, picks).flatten(1).double().numpy()  # [P, K * D]
-        mean = tokens.mean(0)
-        out["tokens"] = {"relative_spread": float(np.linalg.norm(tokens - mean, axis=1).mean() / np.linalg.norm(mean)),
-                         **_cosines(tokens, labels)}
+        out["tokens"] = {"relative_spread": relative_spread(tokens), **_cosines(tokens, labels)}
         emb = np.stack([s.embedding for s in samples])
         crops = torch.stack([image_tensor(s.face_crop) for s in samples])
         clip = clip_image_features(bb, crops).flatten(1).double().numpy()
