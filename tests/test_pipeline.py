@@ -106,6 +106,22 @@ def test_precomputed_inputs_match_image_inputs(pipe, hanks):
     torch.testing.assert_close(enc.tokens, pre.tokens)
 
 
+def test_precomputed_inputs_without_a_target_need_no_face_analyzer(tiny_params, ckpt, pipe, hanks, monkeypatch):
+    """The trainer's sample grids give embeddings and CLIP features; a GPU training host has no dlib (an H200 run
+    stopped at its first grid when the pipeline built the analyzer for a landmark target nobody asked for)."""
+    from model.dynamicid import clip_image_features
+
+    a = pipe._analyse(IdentityInput(image=hanks), "identity 0")
+    feats = clip_image_features(pipe.backbone, a["crop"][None])[0]
+    fresh = load_pipeline(tiny_params.model, tiny_params.face, ckpt, tiny_params.storage.cache_dir)
+    fresh.set_progress(False)
+    monkeypatch.setitem(__import__("sys").modules, "dlib", None)  # `import dlib` now fails, as on that host
+    out = _gen(fresh, [IdentityInput(embedding=a["embedding"], clip_features=feats)])
+    assert out.images.shape == (1, 3, 64, 64) and fresh.face_analyzer is None
+    with pytest.raises(ImportError):  # the block is real: asking for a landmark target does need the analyzer
+        _gen(fresh, [IdentityInput(embedding=a["embedding"], clip_features=feats, landmarks=np.zeros((68, 2)))])
+
+
 @pytest.mark.parametrize(
     "ids, kw, match",
     [

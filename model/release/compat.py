@@ -117,6 +117,8 @@ def target_landmarks(pipe: Any, who: str, size: int, driving: np.ndarray | None,
     that image. Errors are ValueErrors naming ``who``."""
     from model.motion_targets import check_landmarks, driving_face, landmark_target
 
+    if driving is None and landmarks is None:  # no target asked: no face analyzer (training hosts may lack dlib)
+        return None
     analyzer, min_size = pipe.analyzer(), pipe.face_params.min_face_size
     if mode_of(pipe) != "release":
         return landmark_target(analyzer, who, size, driving_image=driving, landmarks=landmarks, frame=frame,
