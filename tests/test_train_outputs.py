@@ -105,6 +105,28 @@ def test_exports_hold_the_trainable_parts_and_load_into_the_pipeline(chain):
     assert torch.isfinite(out.images).all()
 
 
+def test_stage_2_keeps_stage_1_weights_exact_under_a_half_precision_frozen_base(chain):
+    """A GPU run keeps the frozen base in fp16/bf16 beside fp32 trainable parts. Placing that base casts the SAA
+    processors in the UNet too; on an H100 (2026-12-05) stage 2 loaded the stage-1 weights before that cast, so
+    every SAA weight came back fp16-rounded and the anchor's learning check no longer matched the export. The
+    same casts, forced here with train.frozen_dtype=bf16 on the CPU, must leave the stage-1 parts bit-identical."""
+    from components.evaluate.measure import learning_check_records
+    from model.checkpoint import load_parts
+
+    root, _ = chain
+    out = root / "runs" / "reconfigure-bf16-base"
+    done = subprocess.run([sys.executable, "-m", "components.cli", "--params", str(root / "params.yaml"),
+                           "-S", "train.frozen_dtype=bf16", "-S", f"train.reconfigure.output={out}",
+                           "-S", "train.reconfigure.steps=1",
+                           "train", "--stage", "reconfigure"], capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-4000:]
+    _, before = load_parts(root / "runs" / "anchor" / "export")
+    _, after = load_parts(out / "export")
+    for part in ("face_encoder", "saa"):
+        assert all(np.array_equal(before[part][k].numpy(), after[part][k].numpy()) for k in before[part]), part
+    assert learning_check_records(out / "export")["anchor"]["weights_match"] is True
+
+
 def test_stage_outputs_for_dvc(chain):
     root, _ = chain
     for stage, steps in STEPS.items():

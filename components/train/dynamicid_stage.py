@@ -146,14 +146,14 @@ def run_dynamicid_stage(run: StageRun) -> dict[str, float]:
     torch.manual_seed(train.seed)  # identical initial weights on every rank
     dyn = build_dynamicid(bb, params.model, backend)
     _check_embeddings(data, dyn.dims, params)
-    if init is not None:
+    place_backbone(bb, dist.device, frozen_dtype(params, dist.device))  # also casts the SAA processors in the UNet...
+    dyn.to(dist.device, train_dtype(params))                             # ...which the trainable dtype overrides
+    if init is not None:  # loaded after the casts: through the frozen half precision they would come back rounded
         manifest, parts = load_parts(init)
         missing = {"saa", "face_encoder"} - set(parts)
         if missing:
             raise UserError(f"{init}: the stage-1 export lacks {sorted(missing)}")
         dyn.load_parts(bb.unet, manifest, parts)
-    place_backbone(bb, dist.device, frozen_dtype(params, dist.device))  # also casts the SAA processors in the UNet...
-    dyn.to(dist.device, train_dtype(params))                             # ...which the trainable dtype overrides
     bundle = base if params.model.profile == "tiny" else None
 
     cached = run.stage == "anchor" and train.cache_features
