@@ -84,3 +84,32 @@ def test_the_capacity_fit_needs_two_people(tiny_params, data):
     with pytest.raises(ValueError, match="at least 2 people"):
         next(fit_task(task, data, people=1, steps=1, lr=1e-3, caption=False,
                       resolution=tiny_params.model.tiny.resolution))
+
+
+def test_the_branch_reading_tells_a_silent_branch_and_a_blind_one_from_a_working_one(tiny_params, data):
+    """benchmarks/testbed/id_branch.py: what the ID branch adds at SAA's cross-attentions, and how much of it changes
+    with another person's tokens. Two broken models, built for real: a blind encoder (same tokens for everyone)
+    still adds something, but nothing that depends on the person; a silent branch (every to_v_id zeroed) adds
+    exactly nothing."""
+    from benchmarks.testbed.id_branch import measure_task as branch
+    from model.saa.processor import SAAAttnProcessor
+
+    dyn, task = _task(tiny_params)
+    kw = dict(people=3, timesteps=[500], resolution=tiny_params.model.tiny.resolution)
+    seeing = branch(task, data, **kw)["timesteps"]["500"]
+    assert seeing["id_out"] > 0.01 and seeing["id_by_person"] > 0.01 and seeing["text_out"] > 0.01
+    procs = [p for p in task.backbone.unet.attn_processors.values() if isinstance(p, SAAAttnProcessor)]
+    assert procs and all("_add_id_branch" not in vars(p) for p in procs)  # the recording undid its patches
+
+    with torch.no_grad():
+        dyn.face_encoder.id_mlp[0].weight.zero_()
+        dyn.face_encoder.clip_proj.weight.zero_()
+    blind = branch(task, data, **kw)["timesteps"]["500"]
+    assert blind["id_out"] > 0.01 and blind["id_by_person"] == 0.0 and blind["id_gain"] == 0.0
+
+    with torch.no_grad():
+        for p in procs:
+            p.to_v_id.weight.zero_()
+    silent = branch(task, data, **kw)["timesteps"]["500"]
+    assert silent["id_out"] == 0.0 and silent["id_by_person"] == 0.0
+    assert silent["id_gain"] == 0.0 and silent["text_out"] > 0.01  # nothing of the person reaches the loss
