@@ -17,7 +17,6 @@ Prints one JSON object; ``--params`` and ``-S`` as for ``dynamicid``.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import sys
@@ -102,12 +101,9 @@ def main(argv: list[str] | None = None) -> None:
     from components.core.config import load_params
     from components.core.shards import PreparedData
 
-    from benchmarks.testbed.id_signal import anchor_task
+    from benchmarks.testbed.id_signal import anchor_task, reading_parser
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a stage-1 (or stage-2) export, or 'init'")
-    p.add_argument("--params", default="params.yaml")
-    p.add_argument("-S", dest="overrides", action="append", default=[], help="key=value override (repeatable)")
+    p = reading_parser(__doc__)
     p.add_argument("--people", type=int, default=16)
     p.add_argument("--timesteps", type=int, nargs="+", default=[100, 300, 500, 700, 900])
     args = p.parse_args(argv)

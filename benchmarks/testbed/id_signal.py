@@ -121,13 +121,19 @@ def measure_task(task, data, split: str, people: int, photos: int, repeats: int,
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    from components.core.config import load_params
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def reading_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The arguments every test-bed reading of a checkpoint takes: the checkpoint, ``--params`` and ``-S``."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a stage-1 (or stage-2) export, or 'init'")
     p.add_argument("--params", default="params.yaml")
     p.add_argument("-S", dest="overrides", action="append", default=[], help="key=value override (repeatable)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    from components.core.config import load_params
+
+    p = reading_parser(__doc__)
     p.add_argument("--split", default="train", help="people of this split (train: seen in training; test: held out)")
     p.add_argument("--people", type=int, default=12)
     p.add_argument("--photos", type=int, default=6, help="photos per person")
