@@ -105,7 +105,8 @@ def test_the_branch_reading_tells_a_silent_branch_and_a_blind_one_from_a_working
         dyn.face_encoder.id_mlp[0].weight.zero_()
         dyn.face_encoder.clip_proj.weight.zero_()
     blind = branch(task, data, **kw)["timesteps"]["500"]
-    assert blind["id_out"] > 0.01 and blind["id_by_person"] == 0.0 and blind["id_gain"] == 0.0
+    assert blind["id_out"] > 0.01 and blind["id_by_person"] == 0.0
+    assert blind["id_gain"] == 0.0 and blind["id_gain_same_photo"] == 0.0
 
     with torch.no_grad():
         for p in procs:

@@ -7,7 +7,9 @@ query position, the norm of the text branch's output (before the output projecti
 branch adds to it (``id_scale * a(q) * softmax(S) V_id``) and the norm of the change in that addition when the same
 noisy image is given another person's tokens (``id_by_person``: the part that depends on who the person is);
 averaged over positions, layers and people, at several timesteps, with the empty prompt so that only the ID tokens
-condition the image.
+condition the image. ``id_gain`` is the loss with the next person's tokens minus with another photo of the same
+person; ``id_gain_same_photo`` the same with the image's own face crop, as stage 1 trains (a branch that only copies
+the photo, its background or pose, gains there and not in ``id_gain``).
 
     python -m benchmarks.testbed.id_branch --checkpoint runs/anchor/export [--people 16] [--timesteps 100 500 900]
     python -m benchmarks.testbed.id_branch --checkpoint init ...        (freshly initialised parts, seed as params)
@@ -80,6 +82,7 @@ def measure_task(task, data, people: int, timesteps: list[int], resolution: int,
         text = text_embeddings(bb, [""] * len(got))[0]
         own = photo_tokens(task, data, [groups[n][1] for n in names])  # [P, K, D]
         other = torch.roll(own, 1, 0)  # the next person's
+        same = photo_tokens(task, data, [groups[n][0] for n in names])  # the image's own crop, as stage 1 trains
         for step in timesteps:
             noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed + step))
             t = torch.full((len(got),), step, dtype=torch.long)
@@ -88,12 +91,13 @@ def measure_task(task, data, people: int, timesteps: list[int], resolution: int,
                 loss_own = float(per_sample_mse(task.predict(noisy, t, text, own), noise).mean())
             with recording(bb.unet) as theirs:
                 loss_other = float(per_sample_mse(task.predict(noisy, t, text, other), noise).mean())
+            loss_same = float(per_sample_mse(task.predict(noisy, t, text, same), noise).mean())
             out["timesteps"][str(step)] = {
                 "text_out": float(np.mean([n for n, _ in mine])),
                 "id_out": float(np.mean([float(a.norm(dim=-1).mean()) for _, a in mine])),
                 "id_by_person": float(np.mean([float((a - b).norm(dim=-1).mean())
                                                for (_, a), (_, b) in zip(mine, theirs, strict=True)])),
-                "loss_own": loss_own, "id_gain": loss_other - loss_own}
+                "loss_own": loss_own, "id_gain": loss_other - loss_own, "id_gain_same_photo": loss_other - loss_same}
     return out
 
 
