@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -115,7 +116,7 @@ def test_precomputed_inputs_without_a_target_need_no_face_analyzer(tiny_params, 
     feats = clip_image_features(pipe.backbone, a["crop"][None])[0]
     fresh = load_pipeline(tiny_params.model, tiny_params.face, ckpt, tiny_params.storage.cache_dir)
     fresh.set_progress(False)
-    monkeypatch.setitem(__import__("sys").modules, "dlib", None)  # `import dlib` now fails, as on that host
+    monkeypatch.setitem(sys.modules, "dlib", None)  # `import dlib` now fails, as on that host
     out = _gen(fresh, [IdentityInput(embedding=a["embedding"], clip_features=feats)])
     assert out.images.shape == (1, 3, 64, 64) and fresh.face_analyzer is None
     with pytest.raises(ImportError):  # the block is real: asking for a landmark target does need the analyzer

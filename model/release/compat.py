@@ -126,8 +126,6 @@ def target_landmarks(pipe: Any, who: str, size: int, driving: np.ndarray | None,
     if driving is not None:
         face = driving_face(analyzer, driving, who, min_size)
         return landmark_image(face.landmarks, driving.shape[:2], size)
-    if landmarks is None:
-        return None
     if frame is None:
         raise ValueError(f"{who}: landmarks: they are pixels of the reference image, and this identity has none "
                          "(give a driving_image instead)")
