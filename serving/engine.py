@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -117,6 +118,9 @@ class Engine:
         pipe.face_analyzer = TimedAnalyzer(pipe.analyzer(), self._face)
         self._cuda = pipe.device.type == "cuda"
         pipe.unet.register_forward_pre_hook(self._on_unet_step)
+        hooks = getattr(pipe.step_runner, "step_hooks", None)
+        if hooks is not None:  # the fast path's captured steps replay without calling the UNet's hooks
+            hooks.append(self._on_unet_step)
         pipe.vae.decoder.register_forward_pre_hook(self._on_decode_start)
         pipe.vae.decoder.register_forward_hook(self._on_decode_end)
 
@@ -126,7 +130,8 @@ class Engine:
             torch.cuda.synchronize(self.pipe.device)
         return time.perf_counter()
 
-    def _on_unet_step(self, module, args) -> None:
+    def _on_unet_step(self, *_: Any) -> None:
+        """Before every UNet step (a module hook, or the fast path's step hook: both may fire for one step)."""
         clock = self._batch
         if clock is None:
             return
@@ -147,6 +152,13 @@ class Engine:
         if self.metrics is not None and seconds is not None:
             self.metrics.observe(stage, seconds)
 
+    def gpu_exclusive(self) -> contextlib.AbstractContextManager:
+        """Held around GPU work off the model thread: the fast path's ``capture_lock`` (a CUDA graph capture
+        on the model thread fails if another thread touches the GPU meanwhile), or nothing without one."""
+        runner = getattr(self.pipe, "step_runner", None)
+        lock = getattr(runner, "capture_lock", None)
+        return lock if lock is not None else contextlib.nullcontext()
+
     # ------------------------------------------------------------------ per request
     def encode(self, req: GenerationRequest, timing: RequestTiming | None = None
                ) -> tuple[list[IdentityInput], EncodedIdentities]:
@@ -159,9 +171,10 @@ class Engine:
         self._face.seconds = 0.0
         t = time.perf_counter()
         try:
-            self.pipe.validate(ids, req.height, req.width)
-            _check_layout(ids, req)
-            encoded = self.pipe.encode_identities(ids)
+            with self.gpu_exclusive():  # never while the model thread captures a CUDA graph
+                self.pipe.validate(ids, req.height, req.width)
+                _check_layout(ids, req)
+                encoded = self.pipe.encode_identities(ids)
         except GenerationError as err:
             raise _identity_error(str(err), req) from None
         total = self._now() - t
@@ -231,13 +244,17 @@ class Engine:
         return time.perf_counter() - t
 
     def warm_batches(self, height: int, width: int, guidance_scale: float, max_batch: int) -> list[int]:
-        """One 1-step generation per batch size 2..max_batch (1 identity, after ``warm_up``): CUDA graphs
+        """One short generation per batch size 2..max_batch (1 identity, after ``warm_up``): CUDA graphs
         are captured per shape, and without this the first request to land in a batch of a new size
-        pays its capture in the middle of traffic. Returns the sizes warmed."""
+        pays its capture in the middle of traffic. Each runs one step past SAA's early-step boost, so
+        both of a shape's graphs (boost on, boost off) are captured: with one step only the boost-on
+        graph was, and the first real request of each size captured the other mid-traffic (seen on
+        an H100, 2026-12-05). Returns the sizes warmed."""
         ident = self._warm_ident
         sizes = list(range(2, max_batch + 1))
+        steps = self.pipe.model_params.saa.boost_steps + 1
         for b in sizes:
-            self.pipe(["warm-up"] * b, [[ident]] * b, negative_prompt=[""] * b, num_inference_steps=1,
+            self.pipe(["warm-up"] * b, [[ident]] * b, negative_prompt=[""] * b, num_inference_steps=steps,
                       guidance_scale=[guidance_scale] * b, height=height, width=width, seed=list(range(b)))
         return sizes
 

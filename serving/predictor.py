@@ -232,7 +232,12 @@ class DynamicIDModel(Model):
     async def on_encode_thread(self, fn: Any, *args: Any) -> Any:
         """``fn(pipe, *args)`` on the encode thread, which owns the face analyzer (the playground's face
         check queues behind request encodes instead of racing them for it)."""
-        return await asyncio.get_running_loop().run_in_executor(self._encode_thread, fn, self._engine.pipe, *args)
+        engine = self._engine
+
+        def run() -> Any:
+            with engine.gpu_exclusive():
+                return fn(engine.pipe, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._encode_thread, run)
 
     async def _run_batch(self, key: tuple, jobs: list) -> list:
         self._depth()

@@ -163,6 +163,23 @@ def test_timeout_answers_504_and_stops_the_abandoned_batch(model, loop, hanks_b6
     assert len(ok["predictions"]) == 1
 
 
+
+def test_an_abandoned_batch_stops_when_steps_replay_without_module_hooks(model, loop, hanks_b64, monkeypatch):
+    """On a GPU the fast path replays captured CUDA graphs: the UNet's forward hooks, where the engine used to
+    check the deadline and start its denoising clock, never run (on an H100 every phase after batch_wait
+    read 0). Simulated here by stepping through ``unet.forward``, which skips module hooks as a replay does:
+    the abandoned batch must still stop at the next step."""
+    runner = model._engine.pipe.step_runner
+    assert runner is not None, "the tiny model is served through the fast path (eager on a CPU)"
+    monkeypatch.setattr(runner, "_forward_fn", runner.unet.forward)
+    slow = {"prompt": "a photo of a person", "identities": [{"image": hanks_b64}], "num_inference_steps": 1000}
+    with pytest.raises(ServingError) as err:
+        loop.run_until_complete(model.predict({"instances": [slow]}))
+    assert err.value.status == 504
+    t = time.monotonic()
+    loop.run_until_complete(loop.run_in_executor(model._model_thread, lambda: None))
+    assert time.monotonic() - t < 1.0
+
 def test_too_many_instances_for_the_queue_is_a_400(model, loop, hanks_b64):
     inst = {"prompt": "x", "identities": [{"image": hanks_b64}]}
     with pytest.raises(ServingError) as err:

@@ -98,3 +98,48 @@ def test_batch_sizes_can_be_warmed_before_traffic(served):
 
     model: DynamicIDModel = served[2]
     assert model._engine.warm_batches(64, 64, 5.0, 3) == [2, 3]
+
+
+def test_warmed_batch_sizes_step_with_and_without_the_boost(served):
+    """Graphs are captured per shape and per boost state; a warm-up that only ran the boosted first step left
+    every batch size's boost-off graph to be captured mid-traffic (on an H100 such a capture made another
+    request's encode fail with a 500). Each warmed size must step the UNet in both states."""
+    model = served[2]
+    unet = model._engine.pipe.unet
+    seen: set[tuple[int, bool]] = set()
+
+    def note(_module, args, kwargs):
+        ctx = (kwargs.get("cross_attention_kwargs") or {}).get("id_context")
+        seen.add((int(args[0].shape[0]), bool(ctx is not None and ctx.boost_active)))
+
+    hook = unet.register_forward_pre_hook(note, with_kwargs=True)
+    try:
+        model._engine.warm_batches(64, 64, 5.0, 3)
+    finally:
+        hook.remove()
+    assert {(4, True), (4, False), (6, True), (6, False)} <= seen, seen  # batch 2 and 3, with guidance
+
+
+def test_encoding_waits_while_a_graph_is_captured(served, loop, single_face_photo):
+    """A CUDA graph capture on the model thread fails if the encode thread touches the GPU meanwhile, so
+    encoding takes the fast path's capture lock. Held here for 1 s (as a capture would hold it), the request's
+    identity encoding lasts at least that long; the first test of this module shows it takes milliseconds."""
+    import threading
+
+    app, _, model = served
+    runner = model._engine.pipe.step_runner
+    assert runner is not None, "the served tiny model runs the fast path (eager on a CPU)"
+    image = base64.b64encode(Path(single_face_photo).read_bytes()).decode()
+    body = {"instances": [{"prompt": "a photo of a person", "identities": [{"image": image}], "seed": 3,
+                           "num_inference_steps": 1, "height": 64, "width": 64}]}
+
+    async def call() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            return await client.post("/v1/models/dynamicid:predict", json=body, timeout=120)
+
+    runner.capture_lock.acquire()
+    threading.Timer(1.0, runner.capture_lock.release).start()
+    r = loop.run_until_complete(call())
+    assert r.status_code == 200, r.text
+    phases, _ = parse_server_timing(r.headers["server-timing"])
+    assert phases["face_analysis"] + phases["id_encoding"] >= 1.0, phases  # seconds

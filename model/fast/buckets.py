@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -54,6 +55,11 @@ class BucketStepRunner:
     A bucket is (latent shape, dtype, device, timestep shape, encoder-state shape, identity
     settings); its graphs are captured on first use (or by ``warm``) and the buffers of all
     buckets share one graph memory pool. Not thread-safe (neither is the pipeline).
+
+    ``capture_lock`` is held while a graph is being captured. CUDA forbids other host threads' work
+    during a capture (torch's default "global" capture mode makes their calls fail, and the capture
+    with them), so a thread that uses the GPU beside the one stepping the UNet (a server's encode
+    thread) takes the lock around that work.
     """
 
     def __init__(self, unet: nn.Module, *, capture: bool, precomputed: bool, max_buckets: int = 16,
@@ -67,12 +73,18 @@ class BucketStepRunner:
         self._forward_fn = torch.compile(unet) if compile_unet else unet
         self._slots: OrderedDict[tuple, _Slot] = OrderedDict()
         self._pool = None
+        self.capture_lock = threading.Lock()
+        # called with no arguments before every step: a graph replay runs no module hooks, so whoever
+        # times steps or stops a batch between them (serving's engine) registers here
+        self.step_hooks: list[Callable[[], None]] = []
         self.captures = 0
         self.capture_seconds = 0.0
 
     # ------------------------------------------------------------------ public
     @torch.no_grad()
     def __call__(self, latents: Tensor, t: Tensor | int | float, states: Tensor, ctx: IDContext | None) -> Tensor:
+        for hook in self.step_hooks:
+            hook()
         if ctx is not None and ctx.num_ids == 0:
             ctx = None
         t = t if isinstance(t, Tensor) else torch.tensor(t)
@@ -325,7 +337,7 @@ class BucketStepRunner:
                 fn()
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool), torch.no_grad():
+        with self.capture_lock, torch.cuda.graph(graph, pool=self._pool), torch.no_grad():
             out = fn()
         return graph, out
 
