@@ -70,9 +70,13 @@ def test_deepspeed_config_comes_from_params_in_one_place():
         deepspeed_config(TrainParams(precision="fp16"), stage, device_type="cpu")
 
 
-def test_drop_rates_must_fit_in_one():
-    with pytest.raises(ParamsError, match=r"train.*drop_text \+ drop_id \+ drop_both must be <= 1"):
+def test_drop_rates_must_leave_samples_with_text_and_id():
+    with pytest.raises(ParamsError, match=r"train.*drop_text \+ drop_id \+ drop_both must be < 1"):
         params_from_dict({"train": {"drop_text": 0.5, "drop_id": 0.4, "drop_both": 0.2}})
+    # exactly 1 (a stage-1 run on a GPU, 2026-12-05): the model never trained the caption + identity condition
+    with pytest.raises(ParamsError, match=r"train.*drop_text \+ drop_id \+ drop_both must be < 1"):
+        params_from_dict({"train": {"drop_text": 0.9}})
+    assert params_from_dict({"train": {"drop_text": 0.85}}).train.drop_text == 0.85
     with pytest.raises(ParamsError, match=r"train\.anchor\.stepz: unknown key"):
         params_from_dict({"train": {"anchor": {"stepz": 3}}})
 

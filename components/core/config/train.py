@@ -113,8 +113,9 @@ class TrainParams(StrictModel):
     @model_validator(mode="after")
     def _drop_rates_fit(self) -> "TrainParams":
         total = self.drop_text + self.drop_id + self.drop_both
-        if total > 1.0:
-            raise ValueError(f"drop_text + drop_id + drop_both must be <= 1, got {total:g}")
+        if total > 1.0 - 1e-9:  # at 1, no sample sees text and ID together, the condition generation uses
+            raise ValueError(f"drop_text + drop_id + drop_both must be < 1 (the rest trains text and ID together), "
+                             f"got {total:g}")
         if self.feature_weight + self.denoise_weight + self.contrastive_weight <= 0:
             raise ValueError("stage 2 needs a positive feature_weight, denoise_weight or contrastive_weight")
         return self
