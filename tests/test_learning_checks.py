@@ -108,12 +108,15 @@ def test_identity_blind_model_fails_the_identity_check(tiny_params, data):
     kw = dict(limit=0, resolution=tiny_params.model.tiny.resolution, repeats=1, seed=0)
     aware = id_token_check(anchor, data, **kw)
     assert aware["heldout_loss_own_id"] != aware["heldout_loss_other_id"]  # different people, different tokens
+    empty = id_token_check(anchor, data, prompt="", **kw)  # the diagnostic reading: tokens as the only condition
+    assert empty["heldout_loss_own_id"] != aware["heldout_loss_own_id"]
     with torch.no_grad():  # same tokens for everyone: the embedding and the CLIP features no longer reach them
         dyn.face_encoder.id_mlp[0].weight.zero_()
         dyn.face_encoder.clip_proj.weight.zero_()
-    blind = id_token_check(anchor, data, **kw)
-    assert blind["id_gain"] == 0.0 and blind["id_gain_low"] == 0.0 and blind["id_gain_high"] == 0.0
-    assert blind["id_passed"] == 0.0 and blind["id_gain_people"] == 3.0
+    for prompt in (None, ""):
+        blind = id_token_check(anchor, data, prompt=prompt, **kw)
+        assert blind["id_gain"] == 0.0 and blind["id_gain_low"] == 0.0 and blind["id_gain_high"] == 0.0
+        assert blind["id_passed"] == 0.0 and blind["id_gain_people"] == 3.0
 
 
 def test_motion_blind_imr_fails_the_motion_check(tiny_params, data):
@@ -125,3 +128,29 @@ def test_motion_blind_imr_fails_the_motion_check(tiny_params, data):
     blind = imr_check(recon, data, limit=0)
     assert blind["imr_gain"] == 0.0 and blind["imr_gain_passed"] == 0.0 and blind["imr_passed"] == 0.0
     assert blind["imr_gain_people"] == 3.0
+
+
+def test_the_check_reading_runs_the_shipped_check_and_each_asked_prompt(data, capsys):
+    """benchmarks/testbed/id_check.py: one JSON line per reading, the captions first when asked for, each with
+    the check's interval over the held-out people."""
+    import json
+
+    from benchmarks.testbed.id_check import main
+
+    main(["--checkpoint", "init", "-S", f"data.prepared={data.root}", "-S", "train.check_images=4",
+          "-S", "train.check_repeats=1", "--caption", "--prompt", ""])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["text"] for r in rows] == ["caption", ""]
+    for r in rows:
+        assert r["checkpoint"] == "init" and r["id_gain_people"] == 3.0
+        assert r["id_gain_low"] <= r["id_gain"] <= r["id_gain_high"]
+    assert rows[0]["id_gain"] != rows[1]["id_gain"]
+
+
+def test_the_check_reading_needs_held_out_people(tmp_path):
+    from benchmarks.testbed.id_check import main
+    from components.train.testbed import write_testbed
+
+    write_testbed(tmp_path, identities=3, images_per_identity=2, test_identities=1)
+    with pytest.raises(SystemExit, match="no held-out people"):
+        main(["--checkpoint", "init", "-S", f"data.prepared={tmp_path}"])

@@ -9,7 +9,10 @@
 #
 # On the offline GPU machine, carry the prepared data and the wheels of benchmarks/requirements-gpu-train.txt in
 # .whl-train/ (MLflow tracks to a file store there: mlflow-skinny has no SQL store). Results go to $OUT (or
-# runs/testbed-gpu): train.log, times.txt and testbed-gpu.tar (the stage-2 export, both stages' metrics and losses).
+# runs/testbed-gpu): train.log, times.txt, and per stage <stage>.tar (its export, metrics, losses and sample grids),
+# packed as soon as the stage ends, before any diagnostic, so a call cut off by its time limit still returns the
+# model (a 2026-12-05 call lost three stage-1 exports to a slow diagnostic); after stage 1, id_signal.json and
+# id_signal_heldout.json (benchmarks/testbed/id_signal.py on trained and on held-out people).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT_DIR="${OUT:-runs/testbed-gpu}"
@@ -30,16 +33,18 @@ for stage in ${STAGES:-anchor reconfigure}; do
   "$PY" -m components.cli --params benchmarks/testbed/params-gpu.yaml "$@" train --stage "$stage" 2>&1 \
     | grep --line-buffered -v -e "it/s]" -e "s/it]" | tee -a "$OUT_DIR/train.log"
   echo "$stage $(( $(date +%s) - start )) s" | tee -a "$OUT_DIR/times.txt"
-  if [ "$stage" = anchor ]; then  # does stage 1 carry identity? token spread and what the loss sees (CPU, ~1 min)
-    "$PY" -m benchmarks.testbed.id_signal --checkpoint "$R/anchor/export" --params benchmarks/testbed/params-gpu.yaml \
-      "$@" --people 10 --photos 4 --repeats 2 2>/dev/null > "$OUT_DIR/id_signal.json" || echo "id_signal failed" >&2
+  tar -cf "$OUT_DIR/$stage.tar" $(ls -d "$R/$stage/export" "$R/$stage/metrics.json" "$R/$stage/loss.tsv" \
+    "$R/$stage/samples" 2>/dev/null)
+  if [ "$stage" = anchor ]; then  # does stage 1 carry identity? token spread and what the loss sees (CPU, ~1 min each)
+    for split in train test; do
+      "$PY" -m benchmarks.testbed.id_signal --checkpoint "$R/anchor/export" --params benchmarks/testbed/params-gpu.yaml \
+        "$@" --split "$split" --people 10 --photos 4 --repeats 2 2>/dev/null \
+        > "$OUT_DIR/id_signal$([ "$split" = test ] && echo _heldout).json" || echo "id_signal ($split) failed" >&2
+    done
   fi
 done
 "$PY" - <<'PY' | tee -a "$OUT_DIR/times.txt"
 import torch
 print("device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "torch", torch.__version__)
 PY
-# the latest export (stage 2's, else stage 1's) and every finished stage's metrics and losses
-tar -cf "$OUT_DIR/testbed-gpu.tar" $(ls -d "$R/reconfigure/export" 2>/dev/null || ls -d "$R/anchor/export") \
-  $(ls "$R"/*/metrics.json "$R"/*/loss.tsv 2>/dev/null)
 ls -la "$OUT_DIR"

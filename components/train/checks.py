@@ -95,8 +95,10 @@ def identity_triples(data: "PreparedData", people: dict[str, list[int]], limit: 
 
 @torch.no_grad()
 def id_token_check(task: "AnchorTask", data: "PreparedData", *, limit: int, resolution: int, repeats: int,
-                   seed: int, batch_size: int = 16) -> dict[str, float]:
-    """Stage 1: loss with another person's tokens minus loss with the person's own tokens (> 0: identity used)."""
+                   seed: int, batch_size: int = 16, prompt: str | None = None) -> dict[str, float]:
+    """Stage 1: loss with another person's tokens minus loss with the person's own tokens (> 0: identity used).
+    The text is each image's caption, as stage 1 trains; ``prompt`` replaces every caption (a diagnostic:
+    the empty prompt leaves the tokens as the only conditioning)."""
     split, people = heldout_people(data)
     if not people:
         return {}
@@ -106,7 +108,7 @@ def id_token_check(task: "AnchorTask", data: "PreparedData", *, limit: int, reso
     for chunk in _chunks(triples, batch_size):
         samples = [data.sample(t) for t, _, _ in chunk]
         pixels = torch.stack([image_tensor(s.pixels, resolution) for s in samples]).to(bb.vae.device)
-        text, _ = text_embeddings(bb, [s.caption for s in samples])
+        text, _ = text_embeddings(bb, [s.caption if prompt is None else prompt for s in samples])
         own = photo_tokens(task, data, [o for _, o, _ in chunk])  # [B, K, D]
         other = photo_tokens(task, data, [x for _, _, x in chunk])  # [B, K, D]
         for r in range(repeats):
