@@ -133,8 +133,8 @@ class Engine:
     def _on_unet_step(self, *_: Any) -> None:
         """Before every UNet step (a module hook, or the fast path's step hook: both may fire for one step)."""
         clock = self._batch
-        if clock is None:
-            return
+        if clock is None or (self._cuda and torch.cuda.is_current_stream_capturing()):
+            return  # no batch, or the UNet hook inside a graph capture: the runner's step hook ran before it
         if clock.denoise_start is None:
             clock.denoise_start = self._now()
         if clock.deadlines and time.monotonic() > max(clock.deadlines):
