@@ -114,3 +114,36 @@ def test_the_branch_reading_tells_a_silent_branch_and_a_blind_one_from_a_working
     silent = branch(task, data, **kw)["timesteps"]["500"]
     assert silent["id_out"] == 0.0 and silent["id_by_person"] == 0.0
     assert silent["id_gain"] == 0.0 and silent["text_out"] > 0.01  # nothing of the person reaches the loss
+
+
+def test_the_detection_ceiling_counts_faces_in_real_photos_and_none_in_blanks(tiny_params, data):
+    """benchmarks/testbed/detect_real.py: the evaluation's analyzer on real test-bed photos, by pose. Control: the
+    same photos blanked read 0, so the rate is the detector seeing faces, not a count of images."""
+    import dataclasses
+
+    import numpy as np
+
+    from benchmarks.testbed.detect_real import detection_ceiling, pose_group
+    from model.face_analysis.backends import build_face_analyzer
+
+    analyzer = build_face_analyzer(tiny_params.face, tiny_params.model.profile)
+    real = detection_ceiling(analyzer, data, "train")
+    assert real["people"] == 3 and real["photos"] == 12 == sum(g["photos"] for g in real["groups"].values())
+    assert real["rate"] > 0 and set(real["groups"]) <= {"frontal", "turned", "up/down"}
+
+    class Blank:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def identities(self, split):
+            return self.inner.identities(split)
+
+        def sample(self, pos):
+            s = self.inner.sample(pos)
+            return dataclasses.replace(s, pixels=np.full_like(s.pixels, 128))
+
+    blank = detection_ceiling(analyzer, Blank(data), "train")
+    assert blank["rate"] == 0.0 and blank["photos"] == 12
+    assert (pose_group(0, 0), pose_group(-18, 0), pose_group(0, 14)) == ("frontal", "turned", "up/down")
+    with pytest.raises(ValueError, match="no people"):
+        detection_ceiling(analyzer, data, "val")
