@@ -388,9 +388,11 @@ def child(argv: list[str]) -> None:
     a = p.parse_args(argv)
     import logging
 
+    from model.loading import quiet_hf_progress
     from serving.server import serve
 
     logging.basicConfig(level=logging.INFO)
+    quiet_hf_progress()  # as `dynamicid serve` is: its weights are built here, not loaded, so nothing else calls it
     params = bench_params(a.size, {**json.loads(a.serve), "http_port": a.port})
     serve(params, pipeline_factory=pipeline_factory(a.size, a.device))
 

@@ -120,6 +120,13 @@ def init_distributed(device_type: str) -> DistInfo:
     import contextlib
     import io
 
+    if device_type == "cuda":  # bound to its GPU from the start (DeepSpeed then joins this group): without a
+        # device_id NCCL guesses the device from the rank and every barrier warns (seen on an H100, 2026-12-05)
+        import torch.distributed as tdist
+
+        local = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local)
+        tdist.init_process_group("nccl", device_id=torch.device("cuda", local))
     # On a CPU DeepSpeed print()s "deepspeed_shm_comm_op built successfully" at every start (verbose=False does not
     # cover it): a build notice, kept out of the output; errors still raise.
     with contextlib.redirect_stdout(io.StringIO()):
