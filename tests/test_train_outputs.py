@@ -212,3 +212,35 @@ def test_mlflow_run_holds_params_lineage_metrics_samples_and_the_export(chain):
     base_run = json.loads((root / "runs" / "base" / "mlflow_run.json").read_text())["run_id"]
     assert len(client.get_metric_history(base_run, "vae/loss")) == 2
     assert len(client.get_metric_history(base_run, "loss")) == STEPS["base"]
+
+
+def test_stage_1_fine_tunes_from_an_export_with_train_anchor_init_from(chain):
+    """``train.anchor.init_from``: stage 1 starts from an export's face encoder and SAA weights (fine-tuning, e.g.
+    a text-dropped stage 1 or imported release weights) instead of fresh ones. One step at lr 1e-12 moves nothing
+    measurable, so the run's export must equal the one it started from; the same run without it (the control)
+    starts fresh and does not. A path that is not an export stops the stage naming the key."""
+    import torch
+
+    from model.checkpoint import load_parts
+
+    root, _ = chain
+    start = root / "runs" / "anchor" / "export"
+    _, before = load_parts(start)
+
+    def run(name: str, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "components.cli", "--params", str(root / "params.yaml"),
+                               "-S", f"train.anchor.output={root / 'runs' / name}", "-S", "train.anchor.steps=1",
+                               "-S", "train.anchor.lr=1e-12", "-S", "train.check_images=0", *extra,
+                               "train", "--stage", "anchor"], capture_output=True, text=True, timeout=400)
+
+    def same(parts: dict) -> bool:
+        return all(torch.allclose(parts[p][k].float(), before[p][k].float(), atol=1e-6)
+                   for p in ("face_encoder", "saa") for k in before[p])
+
+    for name, extra, expected in (("anchor-tuned", ("-S", f"train.anchor.init_from={start}"), True),
+                                  ("anchor-fresh", (), False)):
+        done = run(name, *extra)
+        assert done.returncode == 0, done.stderr[-4000:]
+        assert same(load_parts(root / "runs" / name / "export")[1]) is expected, name
+    bad = run("anchor-bad", "-S", f"train.anchor.init_from={root / 'prepared'}")
+    assert bad.returncode != 0 and "train.anchor.init_from" in bad.stderr, bad.stderr[-2000:]

@@ -74,6 +74,10 @@ def test_present_weights_pass_and_a_bundled_base_is_not_read(tmp_path):
     for command in ("prepare", "evaluate", "generate", "serve", "init"):
         check_stage_weights(p, command)
     check_stage_weights(p, "train", stage="anchor")
+    tuned = p.model_copy(deep=True)  # fine-tuning stage 1 from an export: its location is checked as well
+    tuned.train.anchor.init_from = str(tmp_path / "no-export")
+    with pytest.raises(ParamsError, match=r"train.anchor.init_from: .*no-export does not exist"):
+        check_stage_weights(tuned, "train", stage="anchor")
     (base / "vae").rmdir()
     with pytest.raises(ParamsError, match=r"model.sd15.base: .* is not a diffusers-layout SD1.5 folder \(no vae\)"):
         check_stage_weights(p, "init")

@@ -125,20 +125,25 @@ def run_dynamicid_stage(run: StageRun) -> dict[str, float]:
     backend = params.face.resolved_backend(params.model.profile)
     res = params.model.active.resolution
 
+    def stage1_export(path: Path, what: str) -> Path:
+        try:
+            manifest = read_manifest(path)
+        except CheckpointError as err:
+            raise UserError(f"{what}: {err}") from None
+        if manifest["dims"].get("profile") != params.model.profile:
+            raise UserError(f"{path} was trained for profile {manifest['dims'].get('profile')!r}, "
+                            f"model.profile is {params.model.profile!r}")
+        return path
+
     if run.stage == "anchor":
         base, enc = _first_local(dist, lambda: anchor_base(params))  # may build the seeded base in the cache
         bb = load_backbone(base, enc)
-        init = None
+        start = params.train.anchor.init_from
+        init = None if start is None else stage1_export(Path(start), "train.anchor.init_from")
     else:
-        init = Path(params.train.anchor.output) / "export"
-        try:
-            manifest = read_manifest(init)
-        except CheckpointError as err:
-            raise UserError(f"reconfigure starts from the stage-1 export: {err} (run `dynamicid train --stage anchor` "
-                            "first, or point train.anchor.output at a stage-1 output)") from None
-        if manifest["dims"].get("profile") != params.model.profile:
-            raise UserError(f"{init} was trained for profile {manifest['dims'].get('profile')!r}, "
-                            f"model.profile is {params.model.profile!r}")
+        init = stage1_export(Path(params.train.anchor.output) / "export",
+                             "reconfigure starts from the stage-1 export (run `dynamicid train --stage anchor` first, "
+                             "or point train.anchor.output at a stage-1 output)")
         from model.loading import load_backbone_for
 
         bb = load_backbone_for(params.model, params.storage.cache_dir, checkpoint=init)

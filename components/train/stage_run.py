@@ -101,6 +101,9 @@ def resolved_params(run: StageRun) -> "Params":
         if is_s3(p.data.prepared):
             p = p.model_copy(deep=True)
             p.data.prepared = str(resolve_local(p.data.prepared, p.storage.cache_dir, p.storage))
+        if p.train.anchor.init_from and is_s3(p.train.anchor.init_from):
+            p = p.model_copy(deep=True)
+            p.train.anchor.init_from = str(resolve_local(p.train.anchor.init_from, p.storage.cache_dir, p.storage))
         return p
 
     return _first_local(run.dist, resolve)

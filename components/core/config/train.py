@@ -49,6 +49,8 @@ class AnchorStageParams(StageParams):
     lr: float = Field(3e-4, gt=0)
     micro_batch: int = Field(4, ge=1, description="samples per process per forward")
     output: str = Field("runs/anchor", description="stage directory: export/, checkpoints/, metrics.json, loss.tsv")
+    init_from: str | None = Field(None, description="a stage-1 (or stage-2) export whose face encoder and SAA "
+                                  "weights stage 1 starts from instead of fresh ones: fine-tuning; null = fresh")
 
 
 class ReconfigureStageParams(StageParams):

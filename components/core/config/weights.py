@@ -79,7 +79,8 @@ def weight_paths(params: "Params", command: str, *, stage: str | None = None,
         return _face_pack(params)
     if command == "train":
         if stage == "anchor":
-            return _base_paths(params)
+            start = params.train.anchor.init_from
+            return _base_paths(params) + ([WeightPath("train.anchor.init_from", start, "dir")] if start else [])
         if stage == "reconfigure":
             export = str(Path(params.train.anchor.output) / "export")
             return [] if bundles_base(export) else _base_paths(params)
