@@ -175,9 +175,9 @@ class Engine:
                 self.pipe.validate(ids, req.height, req.width)
                 _check_layout(ids, req)
                 encoded = self.pipe.encode_identities(ids)
+                total = self._now() - t  # a device synchronise on CUDA: inside the lock as well
         except GenerationError as err:
             raise _identity_error(str(err), req) from None
-        total = self._now() - t
         self._observe("face_analysis", self._face.seconds)
         self._observe("encoding", total - self._face.seconds)
         if timing is not None:
