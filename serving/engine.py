@@ -117,10 +117,11 @@ class Engine:
         self._batch: _BatchClock | None = None
         pipe.face_analyzer = TimedAnalyzer(pipe.analyzer(), self._face)
         self._cuda = pipe.device.type == "cuda"
-        pipe.unet.register_forward_pre_hook(self._on_unet_step)
         hooks = getattr(pipe.step_runner, "step_hooks", None)
-        if hooks is not None:  # the fast path's captured steps replay without calling the UNet's hooks
+        if hooks is not None:  # the fast path: its captured steps replay without calling the UNet's module hooks
             hooks.append(self._on_unet_step)
+        else:
+            pipe.unet.register_forward_pre_hook(self._on_unet_step)
         pipe.vae.decoder.register_forward_pre_hook(self._on_decode_start)
         pipe.vae.decoder.register_forward_hook(self._on_decode_end)
 
@@ -131,10 +132,11 @@ class Engine:
         return time.perf_counter()
 
     def _on_unet_step(self, *_: Any) -> None:
-        """Before every UNet step (a module hook, or the fast path's step hook: both may fire for one step)."""
+        """Before every UNet step: the fast path's step hook (called before any graph capture or replay), or,
+        without the fast path, a forward pre-hook on the UNet."""
         clock = self._batch
-        if clock is None or (self._cuda and torch.cuda.is_current_stream_capturing()):
-            return  # no batch, or the UNet hook inside a graph capture: the runner's step hook ran before it
+        if clock is None:
+            return
         if clock.denoise_start is None:
             clock.denoise_start = self._now()
         if clock.deadlines and time.monotonic() > max(clock.deadlines):
@@ -155,8 +157,7 @@ class Engine:
     def gpu_exclusive(self) -> contextlib.AbstractContextManager:
         """Held around GPU work off the model thread: the fast path's ``capture_lock`` (a CUDA graph capture
         on the model thread fails if another thread touches the GPU meanwhile), or nothing without one."""
-        runner = getattr(self.pipe, "step_runner", None)
-        lock = getattr(runner, "capture_lock", None)
+        lock = getattr(self.pipe.step_runner, "capture_lock", None)
         return lock if lock is not None else contextlib.nullcontext()
 
     # ------------------------------------------------------------------ per request

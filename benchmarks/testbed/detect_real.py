@@ -13,7 +13,6 @@ Prints one JSON object; ``--params`` and ``-S`` as for ``dynamicid``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
@@ -47,9 +46,9 @@ def main(argv: list[str] | None = None) -> None:
     from components.core.shards import PreparedData
     from model.face_analysis.backends import build_face_analyzer
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--params", default="params.yaml")
-    p.add_argument("-S", dest="overrides", action="append", default=[], help="key=value override (repeatable)")
+    from benchmarks.testbed.id_signal import reading_parser
+
+    p = reading_parser(__doc__, checkpoint=False)
     p.add_argument("--split", default="test", help="people of this split (test: the evaluation's held-out people)")
     p.add_argument("--people", type=int, default=None, help="at most this many people (default: all)")
     args = p.parse_args(argv)

@@ -121,10 +121,11 @@ def measure_task(task, data, split: str, people: int, photos: int, repeats: int,
     return out
 
 
-def reading_parser(doc: str | None) -> argparse.ArgumentParser:
-    """The arguments every test-bed reading of a checkpoint takes: the checkpoint, ``--params`` and ``-S``."""
+def reading_parser(doc: str | None, checkpoint: bool = True) -> argparse.ArgumentParser:
+    """The arguments every test-bed reading takes: ``--params`` and ``-S``, and the checkpoint it reads."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a stage-1 (or stage-2) export, or 'init'")
+    if checkpoint:
+        p.add_argument("--checkpoint", required=True, help="a stage-1 (or stage-2) export, or 'init'")
     p.add_argument("--params", default="params.yaml")
     p.add_argument("-S", dest="overrides", action="append", default=[], help="key=value override (repeatable)")
     return p

@@ -98,12 +98,12 @@ def resolved_params(run: StageRun) -> "Params":
 
     def resolve() -> "Params":
         p = resolve_model_paths(run.params)
-        if is_s3(p.data.prepared):
+        start = p.train.anchor.init_from
+        if is_s3(p.data.prepared) or (start and is_s3(start)):
             p = p.model_copy(deep=True)
             p.data.prepared = str(resolve_local(p.data.prepared, p.storage.cache_dir, p.storage))
-        if p.train.anchor.init_from and is_s3(p.train.anchor.init_from):
-            p = p.model_copy(deep=True)
-            p.train.anchor.init_from = str(resolve_local(p.train.anchor.init_from, p.storage.cache_dir, p.storage))
+            if start:
+                p.train.anchor.init_from = str(resolve_local(start, p.storage.cache_dir, p.storage))
         return p
 
     return _first_local(run.dist, resolve)
