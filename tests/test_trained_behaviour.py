@@ -1,0 +1,108 @@
+"""Behaviour on trained weights (issue 16, item 3): the GPU-trained test-bed model uses identity and follows the asked
+motion on people it never saw, and the same weights with that property cut out, or untrained parts, do not.
+
+The weights are tests/fixtures/testbed_trained (the GPU test-bed recipe's stage-2 export, both stages' parts,
+rounded to fp16; its README holds the commands that rebuild it), over the stored base model/testbed_base they were
+trained on. The people are rendered here with another renderer seed than the training data's, so none of them was
+trained on: 24 held-out people, 12 photos each, the stage-1 check's intervals clustered by person (docs/evaluation.md,
+"the curriculum", gives how often other draws of 24 people pass). Broken models are built for real by changing
+weights, as tests/test_learning_checks.py does on untrained ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from components.train.checks import id_token_check, imr_check
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE = REPO / "tests" / "fixtures" / "testbed_trained"
+PEOPLE, PHOTOS, RENDER_SEED = 24, 12, 7  # the training test bed is rendered with seed 0
+
+
+@pytest.fixture(scope="module")
+def params(cache_dir):
+    from components.core.config import params_from_dict
+
+    return params_from_dict({"storage": {"cache_dir": str(cache_dir)},
+                             "model": {"tiny": {"base": str(REPO / "model" / "testbed_base")}}})
+
+
+@pytest.fixture(scope="module")
+def new_people(tmp_path_factory):
+    """24 held-out people (and one training-split person the split needs), embedded by the real dlib recognizer."""
+    from components.core.shards import PreparedData
+    from components.train.testbed import write_testbed
+
+    root = tmp_path_factory.mktemp("new-people")
+    write_testbed(root, identities=PEOPLE + 1, images_per_identity=PHOTOS, test_identities=PEOPLE,
+                  embeddings="dlib", seed=RENDER_SEED)
+    return PreparedData(root)
+
+
+def _tasks(params, checkpoint: Path | None):
+    from components.train.tasks import AnchorTask, ReconfigureTask
+    from model.loading import load_pipeline
+
+    torch.manual_seed(0)  # untrained parts (checkpoint None) are seeded
+    pipe = load_pipeline(params.model, params.face, checkpoint, params.storage.cache_dir, fuse_lora=False,
+                         device="cpu", dtype="fp32")
+    t = params.train
+    anchor = AnchorTask(pipe.backbone, pipe.dynamicid, params.model, 0).eval()
+    recon = ReconfigureTask(pipe.backbone, pipe.dynamicid, params.model, 0, prompt=t.reconfigure.prompt,
+                            feature_weight=t.feature_weight, denoise_weight=t.denoise_weight,
+                            contrastive_weight=t.contrastive_weight, temperature=t.contrastive_temperature).eval()
+    return pipe.dynamicid, anchor, recon
+
+
+def _id_check(params, anchor, data, limit: int = 0) -> dict[str, float]:
+    with torch.no_grad():
+        return id_token_check(anchor, data, limit=limit, resolution=params.model.tiny.resolution, repeats=2, seed=0)
+
+
+def test_the_fixture_is_the_trained_recipe_over_the_stored_base():
+    import json
+
+    manifest = json.loads((FIXTURE / "manifest.json").read_text())
+    assert manifest["stage"] == "reconfigure" and manifest["dims"]["profile"] == "tiny"
+    assert set(manifest["parts"]) == {"face_encoder", "saa", "imr", "keypoint_encoder"}
+    assert manifest["fixture"]["base"] == "model/testbed_base" and not manifest["bundled_base"]
+    learned = manifest["fixture"]["learning_checks_fp32"]  # what the GPU run measured before the rounding
+    assert learned["anchor"]["id_gain_passed"] == 1.0 and learned["reconfigure"]["imr_passed"] == 1.0
+    assert (FIXTURE / "README.md").read_text().count("run_gpu.sh") >= 3  # the commands that rebuild it
+
+
+def test_trained_tokens_carry_identity_to_new_people_and_an_identity_blind_copy_does_not(params, new_people):
+    dyn, anchor, _ = _tasks(params, FIXTURE)
+    trained = _id_check(params, anchor, new_people)
+    assert trained["id_gain_people"] == PEOPLE and trained["id_gain_comparisons"] >= 400
+    assert trained["id_gain_low"] > 0 and trained["id_passed"] == 1.0  # own tokens beat another person's
+    with torch.no_grad():  # the same trained weights; the embedding and the CLIP features no longer reach the tokens
+        dyn.face_encoder.id_mlp[0].weight.zero_()
+        dyn.face_encoder.clip_proj.weight.zero_()
+    blind = _id_check(params, anchor, new_people, limit=2 * PEOPLE)  # 2 images a person: exactly 0 needs no more
+    assert blind["id_gain_people"] == PEOPLE and blind["id_gain"] == 0.0 and blind["id_passed"] == 0.0
+
+
+def test_untrained_parts_over_the_same_base_do_not_pass_the_identity_check(params, new_people):
+    _, anchor, _ = _tasks(params, None)
+    untrained = _id_check(params, anchor, new_people)
+    assert untrained["id_gain_people"] == PEOPLE and untrained["id_passed"] == 0.0
+    assert untrained["id_gain_low"] <= 0 <= untrained["id_gain_high"]
+
+
+def test_trained_imr_moves_toward_the_asked_motion_and_a_motion_blind_copy_does_not(params, new_people):
+    dyn, _, recon = _tasks(params, FIXTURE)
+    with torch.no_grad():
+        trained = imr_check(recon, new_people, limit=0)
+    assert trained["imr_gain_people"] == PEOPLE
+    assert trained["imr_gain_low"] > 0 and trained["imr_stay_ratio_passed"] == 1.0 and trained["imr_passed"] == 1.0
+    # closer to the asked motion than to the source, and than a shuffled target is
+    assert trained["heldout_dist_pred"] < min(trained["heldout_dist_source"], trained["heldout_dist_shuffled"])
+    with torch.no_grad():  # motion latents no longer depend on the landmarks or the face prompt
+        dyn.imr.motion_mlp[1].weight.zero_()
+        blind = imr_check(recon, new_people, limit=0)
+    assert blind["imr_gain"] == 0.0 and blind["imr_passed"] == 0.0
