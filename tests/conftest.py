@@ -39,6 +39,29 @@ def init_ckpt(tiny_params, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def trained_params(cache_dir):
+    """Tiny-profile params over the stored base the trained fixture was trained on (model/testbed_base)."""
+    from components.core.config import params_from_dict
+    from tests.trained import BASE
+
+    return params_from_dict({"storage": {"cache_dir": str(cache_dir)}, "model": {"tiny": {"base": str(BASE)}}})
+
+
+@pytest.fixture(scope="session")
+def new_people(tmp_path_factory):
+    """24 people no run has trained on (another renderer seed), 12 photos each, embedded by the real dlib
+    recognizer, all in the held-out split (one training-split person besides, which the split needs)."""
+    from components.core.shards import PreparedData
+    from components.train.testbed import write_testbed
+    from tests.trained import NEW_PEOPLE, NEW_PEOPLE_SEED, NEW_PHOTOS
+
+    root = tmp_path_factory.mktemp("new-people")
+    write_testbed(root, identities=NEW_PEOPLE + 1, images_per_identity=NEW_PHOTOS, test_identities=NEW_PEOPLE,
+                  embeddings="dlib", seed=NEW_PEOPLE_SEED)
+    return PreparedData(root)
+
+
+@pytest.fixture(scope="session")
 def face_images_dir() -> Path:
     """insightface's wheel ships real photos: t1.jpg (6 people) and Tom_Hanks_54745.png."""
     import insightface

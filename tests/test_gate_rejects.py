@@ -1,9 +1,10 @@
 """The shipped gate (params.yaml ``gate``) rejects broken models, each built for real and evaluated for real.
 
-The models: an untrained ``init`` checkpoint; an identity-blind model whose face encoder gives everyone the same
-tokens; a motion-blind model whose IMR ignores the asked motion; and a checkpoint carrying learning-check records
-measured on other weights. The broken weights are made by zeroing the layers that carry the property, their
-learning checks are run on held-out people of a synthetic test bed (components.train.checks) and written into
+The models: an untrained ``init`` checkpoint; the GPU-trained test-bed model (tests/trained.py), whose learning
+checks pass; that model made identity-blind (its face encoder gives everyone the same tokens) and motion-blind (its
+IMR ignores the asked motion); and a checkpoint carrying learning-check records measured on other weights. The
+broken weights are made by zeroing the layers that carry the property, their learning checks are run on held-out
+people (components.train.checks; the trained model's on 24 people no run has seen) and written into
 the checkpoint as the trainer writes them, and ``dynamicid evaluate`` then ``dynamicid register`` run on real face
 photos with the gate exactly as shipped. Each rejection must name the criterion that the broken property fails.
 """
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("module_cwd")  # MLflow writes ./mlruns; pa
 
 
 @pytest.fixture(scope="module")
-def env(tiny_params, tmp_path_factory, group_photo, single_face_photo):
+def env(tiny_params, trained_params, tmp_path_factory, group_photo, single_face_photo):
     from components.core.shards import PreparedData
     from components.train.testbed import write_testbed
 
@@ -42,7 +43,7 @@ def env(tiny_params, tmp_path_factory, group_photo, single_face_photo):
             **{f"gate.{k}": v for k, v in shipped.gate.model_dump(mode="json").items()},
             "gate.output": str(root / "gate")}
     return {"root": root, "sets": sets, "params": tiny_params, "checks_data": PreparedData(root / "testbed"),
-            "shipped": shipped}
+            "shipped": shipped, "trained_params": trained_params}
 
 
 def run_cli(env, *args) -> int:
@@ -50,31 +51,39 @@ def run_cli(env, *args) -> int:
     return main([*argv, *args])
 
 
-def build(env, name: str, damage=None, seed: int = 0) -> Path:
-    """A checkpoint whose learning checks are really run: fresh weights, ``damage`` applied, both checks measured
-    on the test bed's held-out people, records bound to the weights (components.train.checks.check_record)."""
+def build(env, name: str, damage=None, seed: int = 0, trained: bool = False, data=None, limit: int = 0) -> Path:
+    """A checkpoint whose learning checks are really run: fresh weights (or, ``trained``, the GPU-trained test-bed
+    model, tests/trained.py), ``damage`` applied, both checks measured on held-out people (the test bed's, or
+    ``data``), records bound to the weights (components.train.checks.check_record)."""
     from components.train.checks import CHECK_PARTS, check_record, id_token_check, imr_check
     from components.train.stage_run import fp32_parts
     from components.train.tasks import AnchorTask, ReconfigureTask
     from model.checkpoint import save_checkpoint
     from model.dynamicid import build_dynamicid
     from model.loading import load_backbone_for
+    from tests.trained import TRAINED, tasks
 
-    p = env["params"]
-    bb = load_backbone_for(p.model, p.storage.cache_dir)
-    torch.manual_seed(seed)
-    dyn = build_dynamicid(bb, p.model, "dlib")
+    p = env["trained_params"] if trained else env["params"]
+    if trained:
+        dyn, anchor, recon = tasks(p, TRAINED)
+        bb = anchor.backbone
+    else:
+        bb = load_backbone_for(p.model, p.storage.cache_dir)
+        torch.manual_seed(seed)
+        dyn = build_dynamicid(bb, p.model, "dlib")
+        t = p.train
+        anchor = AnchorTask(bb, dyn, p.model, seed).eval()
+        recon = ReconfigureTask(bb, dyn, p.model, seed, prompt=t.reconfigure.prompt, feature_weight=t.feature_weight,
+                                denoise_weight=t.denoise_weight, contrastive_weight=t.contrastive_weight,
+                                temperature=t.contrastive_temperature).eval()
     if damage is not None:
         with torch.no_grad():
             damage(dyn)
-    t = p.train
-    anchor = AnchorTask(bb, dyn, p.model, seed).eval()
-    recon = ReconfigureTask(bb, dyn, p.model, seed, prompt=t.reconfigure.prompt, feature_weight=t.feature_weight,
-                            denoise_weight=t.denoise_weight, contrastive_weight=t.contrastive_weight,
-                            temperature=t.contrastive_temperature).eval()
-    data = env["checks_data"]
-    found = {"anchor": id_token_check(anchor, data, limit=0, resolution=p.model.tiny.resolution, repeats=1, seed=0),
-             "reconfigure": imr_check(recon, data, limit=0)}
+    data = data or env["checks_data"]
+    with torch.no_grad():
+        found = {"anchor": id_token_check(anchor, data, limit=limit, resolution=p.model.tiny.resolution,
+                                          repeats=2 if trained else 1, seed=0),
+                 "reconfigure": imr_check(recon, data, limit=limit)}
     records = {stage: check_record(stage, found[stage], fp32_parts(dyn.state_parts(bb.unet, CHECK_PARTS[stage])))
                for stage in found}
     return save_checkpoint(env["root"] / name, dyn.dims, fp32_parts(dyn.state_parts(bb.unet)), base_dir=bb.base_dir,
@@ -133,8 +142,22 @@ def test_an_untrained_checkpoint_is_rejected(env, tiny_params, capsys):
     assert _versions(env) == []
 
 
-def test_an_identity_blind_model_is_rejected(env, capsys):
-    ckpt = build(env, "identity_blind", identity_blind)
+def test_the_trained_model_passes_its_learning_checks_and_the_evaluation_floors_reject_it(env, new_people, capsys):
+    """The gate's honest verdict on the best model trained so far (issue 16): both learning checks pass on 24 people
+    no run has seen, and the evaluation's floors still reject it (the test bed draws no face the evaluation finds
+    from its generic prompts, docs/evaluation.md "the curriculum")."""
+    ckpt = build(env, "trained", trained=True, data=new_people)
+    rc, failed, report, err = verdict(env, ckpt, "trained", capsys)
+    for stage in ("anchor", "reconfigure"):
+        assert report["learning_checks"][stage]["weights_match"] and report["learning_checks"][stage]["passed"]
+    assert rc == 1 and "nothing registered" in err
+    assert failed and not [m for m in failed if m.startswith("learning_checks")]  # only evaluation floors fail
+    assert _versions(env) == []
+
+
+def test_an_identity_blind_model_is_rejected(env, new_people, capsys):
+    """The trained model of the previous test with its identity cut: the same gate now fails its stage-1 check."""
+    ckpt = build(env, "identity_blind", identity_blind, trained=True, data=new_people, limit=48)
     rc, failed, report, err = verdict(env, ckpt, "blind", capsys)
     assert rc == 1
     anchor = report["learning_checks"]["anchor"]
@@ -147,16 +170,15 @@ def test_an_identity_blind_model_is_rejected(env, capsys):
     assert _versions(env) == []
 
 
-def test_a_motion_blind_model_is_rejected(env, capsys):
-    ckpt = build(env, "motion_blind", motion_blind)
+def test_a_motion_blind_model_is_rejected(env, new_people, capsys):
+    """The trained model with its motion input cut: the stage-2 check, which the uncut model passes, now fails."""
+    ckpt = build(env, "motion_blind", motion_blind, trained=True, data=new_people, limit=48)
     rc, failed, report, err = verdict(env, ckpt, "motion", capsys)
     assert rc == 1
     recon = report["learning_checks"]["reconfigure"]
     assert recon["weights_match"] and not recon["passed"] and recon["metrics"]["imr_gain"] == 0.0
     assert "shuffled target motion" in failed["learning_checks.reconfigure"]["note"]
     assert "learning_checks.reconfigure = 0.0000" in err
-    for gain in ("edit.pose_error_gain", "edit.expression_agreement_gain"):  # the edit does not show either
-        assert gain in failed
     assert _versions(env) == []
 
 

@@ -11,51 +11,12 @@ weights, as tests/test_learning_checks.py does on untrained ones.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pytest
 import torch
 
 from components.train.checks import id_token_check, imr_check
-
-REPO = Path(__file__).resolve().parents[1]
-FIXTURE = REPO / "tests" / "fixtures" / "testbed_trained"
-PEOPLE, PHOTOS, RENDER_SEED = 24, 12, 7  # the training test bed is rendered with seed 0
-
-
-@pytest.fixture(scope="module")
-def params(cache_dir):
-    from components.core.config import params_from_dict
-
-    return params_from_dict({"storage": {"cache_dir": str(cache_dir)},
-                             "model": {"tiny": {"base": str(REPO / "model" / "testbed_base")}}})
-
-
-@pytest.fixture(scope="module")
-def new_people(tmp_path_factory):
-    """24 held-out people (and one training-split person the split needs), embedded by the real dlib recognizer."""
-    from components.core.shards import PreparedData
-    from components.train.testbed import write_testbed
-
-    root = tmp_path_factory.mktemp("new-people")
-    write_testbed(root, identities=PEOPLE + 1, images_per_identity=PHOTOS, test_identities=PEOPLE,
-                  embeddings="dlib", seed=RENDER_SEED)
-    return PreparedData(root)
-
-
-def _tasks(params, checkpoint: Path | None):
-    from components.train.tasks import AnchorTask, ReconfigureTask
-    from model.loading import load_pipeline
-
-    torch.manual_seed(0)  # untrained parts (checkpoint None) are seeded
-    pipe = load_pipeline(params.model, params.face, checkpoint, params.storage.cache_dir, fuse_lora=False,
-                         device="cpu", dtype="fp32")
-    t = params.train
-    anchor = AnchorTask(pipe.backbone, pipe.dynamicid, params.model, 0).eval()
-    recon = ReconfigureTask(pipe.backbone, pipe.dynamicid, params.model, 0, prompt=t.reconfigure.prompt,
-                            feature_weight=t.feature_weight, denoise_weight=t.denoise_weight,
-                            contrastive_weight=t.contrastive_weight, temperature=t.contrastive_temperature).eval()
-    return pipe.dynamicid, anchor, recon
+from tests.trained import NEW_PEOPLE as PEOPLE
+from tests.trained import TRAINED as FIXTURE
+from tests.trained import tasks as _tasks
 
 
 def _id_check(params, anchor, data, limit: int = 0) -> dict[str, float]:
@@ -75,27 +36,27 @@ def test_the_fixture_is_the_trained_recipe_over_the_stored_base():
     assert (FIXTURE / "README.md").read_text().count("run_gpu.sh") >= 3  # the commands that rebuild it
 
 
-def test_trained_tokens_carry_identity_to_new_people_and_an_identity_blind_copy_does_not(params, new_people):
-    dyn, anchor, _ = _tasks(params, FIXTURE)
-    trained = _id_check(params, anchor, new_people)
+def test_trained_tokens_carry_identity_to_new_people_and_an_identity_blind_copy_does_not(trained_params, new_people):
+    dyn, anchor, _ = _tasks(trained_params, FIXTURE)
+    trained = _id_check(trained_params, anchor, new_people)
     assert trained["id_gain_people"] == PEOPLE and trained["id_gain_comparisons"] >= 400
     assert trained["id_gain_low"] > 0 and trained["id_passed"] == 1.0  # own tokens beat another person's
     with torch.no_grad():  # the same trained weights; the embedding and the CLIP features no longer reach the tokens
         dyn.face_encoder.id_mlp[0].weight.zero_()
         dyn.face_encoder.clip_proj.weight.zero_()
-    blind = _id_check(params, anchor, new_people, limit=2 * PEOPLE)  # 2 images a person: exactly 0 needs no more
+    blind = _id_check(trained_params, anchor, new_people, limit=2 * PEOPLE)  # exactly 0 needs few images
     assert blind["id_gain_people"] == PEOPLE and blind["id_gain"] == 0.0 and blind["id_passed"] == 0.0
 
 
-def test_untrained_parts_over_the_same_base_do_not_pass_the_identity_check(params, new_people):
-    _, anchor, _ = _tasks(params, None)
-    untrained = _id_check(params, anchor, new_people)
+def test_untrained_parts_over_the_same_base_do_not_pass_the_identity_check(trained_params, new_people):
+    _, anchor, _ = _tasks(trained_params, None)
+    untrained = _id_check(trained_params, anchor, new_people)
     assert untrained["id_gain_people"] == PEOPLE and untrained["id_passed"] == 0.0
     assert untrained["id_gain_low"] <= 0 <= untrained["id_gain_high"]
 
 
-def test_trained_imr_moves_toward_the_asked_motion_and_a_motion_blind_copy_does_not(params, new_people):
-    dyn, _, recon = _tasks(params, FIXTURE)
+def test_trained_imr_moves_toward_the_asked_motion_and_a_motion_blind_copy_does_not(trained_params, new_people):
+    dyn, _, recon = _tasks(trained_params, FIXTURE)
     with torch.no_grad():
         trained = imr_check(recon, new_people, limit=0)
     assert trained["imr_gain_people"] == PEOPLE
