@@ -57,25 +57,12 @@ def build(env, name: str, damage=None, seed: int = 0, trained: bool = False, dat
     ``data``), records bound to the weights (components.train.checks.check_record)."""
     from components.train.checks import CHECK_PARTS, check_record, id_token_check, imr_check
     from components.train.stage_run import fp32_parts
-    from components.train.tasks import AnchorTask, ReconfigureTask
     from model.checkpoint import save_checkpoint
-    from model.dynamicid import build_dynamicid
-    from model.loading import load_backbone_for
     from tests.trained import TRAINED, tasks
 
     p = env["trained_params"] if trained else env["params"]
-    if trained:
-        dyn, anchor, recon = tasks(p, TRAINED)
-        bb = anchor.backbone
-    else:
-        bb = load_backbone_for(p.model, p.storage.cache_dir)
-        torch.manual_seed(seed)
-        dyn = build_dynamicid(bb, p.model, "dlib")
-        t = p.train
-        anchor = AnchorTask(bb, dyn, p.model, seed).eval()
-        recon = ReconfigureTask(bb, dyn, p.model, seed, prompt=t.reconfigure.prompt, feature_weight=t.feature_weight,
-                                denoise_weight=t.denoise_weight, contrastive_weight=t.contrastive_weight,
-                                temperature=t.contrastive_temperature).eval()
+    dyn, anchor, recon = tasks(p, TRAINED if trained else None, seed)
+    bb = anchor.backbone
     if damage is not None:
         with torch.no_grad():
             damage(dyn)

@@ -88,19 +88,9 @@ def test_motion_controls_ask_for_another_motion(data):
 
 
 def _tasks(tiny_params, seed=0):
-    from components.train.tasks import AnchorTask, ReconfigureTask
-    from model.dynamicid import build_dynamicid
-    from model.loading import load_backbone_for
+    from tests.trained import tasks
 
-    bb = load_backbone_for(tiny_params.model, tiny_params.storage.cache_dir)
-    torch.manual_seed(seed)
-    dyn = build_dynamicid(bb, tiny_params.model, "dlib")
-    anchor = AnchorTask(bb, dyn, tiny_params.model, seed).eval()
-    t = tiny_params.train
-    recon = ReconfigureTask(bb, dyn, tiny_params.model, seed, prompt=t.reconfigure.prompt,
-                            feature_weight=t.feature_weight, denoise_weight=t.denoise_weight,
-                            contrastive_weight=t.contrastive_weight, temperature=t.contrastive_temperature).eval()
-    return dyn, anchor, recon
+    return tasks(tiny_params, None, seed)  # untrained parts over the seeded base (trained ones: test_trained_behaviour)
 
 
 def test_identity_blind_model_fails_the_identity_check(tiny_params, data):

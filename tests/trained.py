@@ -14,17 +14,18 @@ BASE = REPO / "model" / "testbed_base"  # the stored base it was trained over (n
 NEW_PEOPLE, NEW_PHOTOS, NEW_PEOPLE_SEED = 24, 12, 7  # the training test bed is rendered with seed 0
 
 
-def tasks(params, checkpoint: Path | None):
-    """-> (DynamicID, AnchorTask, ReconfigureTask) over ``checkpoint`` (None: seeded untrained parts), CPU fp32."""
+def tasks(params, checkpoint: Path | None, seed: int = 0):
+    """-> (DynamicID, AnchorTask, ReconfigureTask) over ``checkpoint`` (None: untrained parts seeded with ``seed``),
+    on the CPU in fp32."""
     from components.train.tasks import AnchorTask, ReconfigureTask
     from model.loading import load_pipeline
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     pipe = load_pipeline(params.model, params.face, checkpoint, params.storage.cache_dir, fuse_lora=False,
                          device="cpu", dtype="fp32")
     t = params.train
-    anchor = AnchorTask(pipe.backbone, pipe.dynamicid, params.model, 0).eval()
-    recon = ReconfigureTask(pipe.backbone, pipe.dynamicid, params.model, 0, prompt=t.reconfigure.prompt,
+    anchor = AnchorTask(pipe.backbone, pipe.dynamicid, params.model, seed).eval()
+    recon = ReconfigureTask(pipe.backbone, pipe.dynamicid, params.model, seed, prompt=t.reconfigure.prompt,
                             feature_weight=t.feature_weight, denoise_weight=t.denoise_weight,
                             contrastive_weight=t.contrastive_weight, temperature=t.contrastive_temperature).eval()
     return pipe.dynamicid, anchor, recon
