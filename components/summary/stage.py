@@ -170,7 +170,7 @@ def format_text(s: dict[str, Any], params) -> str:
               "", "next",
               f"  dynamicid serve --model-uri {uri} &     # KServe model server on "
               f"{params.serve.host}:{params.serve.http_port}",
-              f"  dynamicid infer --prompt \"a photo of a person\" --id-image {_photo()} --out served.png",
+              f"  dynamicid infer --prompt \"{params.evaluate.prompts[0]}\" --id-image {_photo()} --out served.png",
               "  dynamicid generate --help                # the same model without a server"]
     return "\n".join(lines) + "\n"
 

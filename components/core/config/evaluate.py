@@ -23,9 +23,13 @@ class EvaluateParams(StrictModel):
                                 "one with a usable reference); the intervals are over these people")
     reference_image: Literal["face_crop", "pixels"] = Field(
         "face_crop", description="which stored image of a prepared sample is the reference photo")
-    prompts: list[str] = Field(["a photo of a person", "a portrait of a person outdoors"], min_length=1,
-                               description="single-ID and edit prompts (edits use the first)")
-    multi_prompts: list[str] = Field(["a photo of {count} people"],
+    # The embedded (tiny) profile's base learned from test-bed captions that always name an expression, a pose and a
+    # background, and draws no face from a generic prompt; these are in its language and name nothing of who a
+    # person is. sd15 evaluates with generic prompts (components/core/config/profiles.py).
+    prompts: list[str] = Field([f"a photo of a person, with a neutral expression, facing the camera, on a {c} "
+                                "background" for c in ("grey", "blue")],
+                               min_length=1, description="single-ID and edit prompts (edits use the first)")
+    multi_prompts: list[str] = Field(["a photo of {count} people, facing the camera, on a grey background"],
                                      min_length=1, description="multi-ID prompts; {count} becomes two, three, ...")
     seeds: list[int] = Field([0], min_length=1)
     steps: int = Field(8, ge=1)

@@ -30,7 +30,9 @@ PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
             "anchor": {"steps": 20000, "lr": 1.0e-4, "micro_batch": 8, "warmup_steps": 500},
             "reconfigure": {"steps": 10000, "lr": 1.0e-4, "micro_batch": 4, "warmup_steps": 500},
         },
-        "evaluate": {"steps": 30, "clip_model": "/models/clip-vit-large-patch14", "motion_reader": "landmarks"},
+        "evaluate": {"steps": 30, "clip_model": "/models/clip-vit-large-patch14", "motion_reader": "landmarks",
+                     "prompts": ["a photo of a person", "a portrait of a person outdoors"],
+                     "multi_prompts": ["a photo of {count} people"]},
         # Real photos, read back with insightface: a SD1.5 portrait nearly always holds a face its detector finds,
         # so a missed face is a defect, not the detector's limit (the tiny profile's 64 px faces allow 0.8); ArcFace
         # puts different people near 0 cosine, so an identity lift that cannot be told from 0.1 keeps no identity.
