@@ -67,3 +67,21 @@ def test_trained_imr_moves_toward_the_asked_motion_and_a_motion_blind_copy_does_
         dyn.imr.motion_mlp[1].weight.zero_()
         blind = imr_check(recon, new_people, limit=0)
     assert blind["imr_gain"] == 0.0 and blind["imr_passed"] == 0.0
+
+
+def test_the_fixture_writer_rounds_every_part_and_keeps_the_export_loadable(init_ckpt, tmp_path):
+    """benchmarks/testbed/fixture.py on a checkpoint with both stages' parts: fp16 files whose hashes the loader
+    verifies, no bundled base, no learning-check record (it would describe the unrounded weights)."""
+    from benchmarks.testbed.fixture import write_fixture
+    from model.checkpoint import load_parts
+
+    manifest = write_fixture(init_ckpt, tmp_path / "fixture")
+    loaded, parts = load_parts(tmp_path / "fixture")  # verify=True: every file's sha256 against the manifest
+    _, original = load_parts(init_ckpt)
+    assert set(parts) == set(original) and not loaded["bundled_base"] and "learning_checks" not in loaded
+    assert not (tmp_path / "fixture" / "base").exists() and loaded["fixture"]["rounded"] == "fp16"
+    for name, state in parts.items():
+        for key, value in state.items():
+            assert value.dtype == torch.float16
+            assert torch.equal(value, original[name][key].to(torch.float16))
+    assert manifest["files"] == loaded["files"]
