@@ -98,7 +98,9 @@ def environment(device: torch.device, argv: list[str]) -> dict:
         "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
         "transformers": transformers.__version__, "cuda": torch.version.cuda, "device": str(device),
-        "command": "python -m benchmarks.run " + " ".join(argv),
+        # the device's $OUT is a path of that machine only: the command is recorded as it would be typed again
+        "command": "python -m benchmarks.run " + " ".join("$OUT" if a and a == os.environ.get("OUT") else a
+                                                          for a in argv),
     }
     if device.type == "cuda":
         prop = torch.cuda.get_device_properties(device)

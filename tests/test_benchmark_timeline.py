@@ -69,3 +69,17 @@ def test_cli_prints_the_report(trace, capsys):
     out = capsys.readouterr().out
     assert str(trace) in out
     assert json.loads(out[len(str(trace)) + 1:])["gpu_idle_ms"] == pytest.approx(8.0, abs=0.01)
+
+
+def test_the_recorded_command_names_the_device_output_folder_as_out(monkeypatch):
+    """A device call's $OUT is a path of that machine only: results record `--out $OUT`, other paths as given."""
+    import torch
+
+    from benchmarks.run import environment
+
+    monkeypatch.setenv("OUT", "/root/out")
+    env = environment(torch.device("cpu"), ["--out", "/root/out", "--sections", "step"])
+    assert env["command"] == "python -m benchmarks.run --out $OUT --sections step"
+    monkeypatch.delenv("OUT")
+    env = environment(torch.device("cpu"), ["--out", "benchmarks/results"])
+    assert env["command"] == "python -m benchmarks.run --out benchmarks/results"
