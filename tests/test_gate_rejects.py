@@ -66,7 +66,7 @@ def build(env, name: str, damage=None, seed: int = 0, trained: bool = False, dat
     if damage is not None:
         with torch.no_grad():
             damage(dyn)
-    data = data or env["checks_data"]
+    data = env["checks_data"] if data is None else data
     with torch.no_grad():
         found = {"anchor": id_token_check(anchor, data, limit=limit, resolution=p.model.tiny.resolution,
                                           repeats=2 if trained else 1, seed=0),
